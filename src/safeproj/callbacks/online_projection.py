@@ -1,0 +1,169 @@
+"""OnlineProjection: keep a run's update inside range(P_k) or its orthogonal complement, every step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from safeproj.callbacks.subspace import KEEPS, BasisOptions, Target, find_targets, resolve_basis
+from safeproj.core.basis import Basis
+from safeproj.core.projector import project, project_left, project_right
+
+MODES = ("update", "grad")
+
+
+class OnlineProjection(Callback):
+    """Projects every optimizer step onto P_k (keep="parallel") or P_k⊥ (keep="orthogonal").
+
+    `on="update"` restores W ← W₀ + P(W − W₀) right after each optimizer step: exact for any optimizer,
+    AdamW included (its element-wise scaling moves projected gradients out of the subspace). It keeps
+    one copy of the projected weights (W₀, in the parameter's dtype and device) and stores it in the
+    checkpoint so a resumed run projects against the same start. `on="grad"` projects gradients in
+    `on_before_optimizer_step` (once per optimizer step, after accumulation and AMP unscaling, before
+    clipping): exact for plain SGD, and needs no copy.
+
+    LoRA: ΔW = s·B·A stays in range(P) when the left side projects B (P·B) and the right side projects
+    A (A·Q); in update mode this needs no W₀ because B starts at zero. P_k⊥ on both sides at once is not
+    expressible on the factors and is refused.
+
+    Args:
+        subspace: basis artifact, `safety:<preset>`, or a delta spec (see `safeproj.callbacks.subspace`).
+        keep: "parallel" (P_k) or "orthogonal" (P_k⊥).
+        on: "update" or "grad".
+        frac, eta, selection, side, seed, include, exclude: how to build the basis from a delta
+            (ignored when `subspace` is an artifact).
+
+    Raises:
+        MisconfigurationException: on an unknown keep/on, or a basis that does not fit the model.
+    """
+
+    def __init__(
+        self,
+        subspace: str,
+        keep: str = "orthogonal",
+        on: str = "update",
+        frac: float | None = 0.5,
+        eta: float | None = None,
+        selection: str = "top",
+        side: str = "left",
+        seed: int = 0,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+    ) -> None:
+        if keep not in KEEPS:
+            raise MisconfigurationException(f"OnlineProjection keep={keep!r}: expected one of {KEEPS}")
+        if on not in MODES:
+            raise MisconfigurationException(f"OnlineProjection on={on!r}: expected one of {MODES}")
+        if eta is not None:
+            frac = None
+        self.subspace = subspace
+        self.keep = keep
+        self.on = on
+        self.options = BasisOptions(frac, eta, selection, side, seed, include, exclude)
+        self.basis: Basis | None = None
+        self.targets: list[Target] = []
+        self._initial: dict[str, torch.Tensor] = {}
+        self._restored: dict[str, torch.Tensor] | None = None
+        self._hook = None
+        self.projected_steps = 0
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(subspace=self.subspace, keep=self.keep, on=self.on)
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or self.basis is not None:
+            return
+        try:
+            self.basis = resolve_basis(self.subspace, self.options, progress=trainer.is_global_zero)
+            self.targets = find_targets(pl_module.model, self.basis)
+        except ValueError as err:
+            raise MisconfigurationException(f"OnlineProjection: {err}") from None
+        if self.options.side == "both" and self.keep == "orthogonal" and any(t.is_lora for t in self.targets):
+            raise MisconfigurationException(
+                "OnlineProjection: keep='orthogonal' with side='both' cannot be applied to LoRA factors; "
+                "use side='left' or 'right'"
+            )
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.on == "update":
+            self._initial = {}
+            for t in self.targets:
+                if t.is_lora:
+                    continue
+                saved = (self._restored or {}).get(t.name)
+                source = saved if saved is not None else t.weight.detach()
+                self._initial[t.name] = source.to(device=t.weight.device, dtype=t.weight.dtype, copy=True)
+            self._restored = None
+            if len(trainer.optimizers) != 1:
+                raise MisconfigurationException(
+                    f"OnlineProjection needs exactly one optimizer, found {len(trainer.optimizers)}"
+                )
+            self._hook = trainer.optimizers[0].register_step_post_hook(lambda *_: self.project_weights())
+            # Start inside the subspace too (a LoRA B that is not zero, or a resumed run).
+            self.project_weights()
+        n = sum((t.weight.numel() if not t.is_lora else t.lora_b.numel()) for t in self.targets)
+        rank_zero_info(
+            f"OnlineProjection: keep={self.keep} on={self.on} over {len(self.targets)} tensors "
+            f"({n / 1e6:.1f}M values), basis {self.basis.nbytes() / 2**20:.1f} MiB"
+        )
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        if self.on == "grad":
+            self.project_grads()
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    @torch.no_grad()
+    def project_grads(self) -> None:
+        for t in self.targets:
+            entry = self.basis.entries[t.name]
+            if t.is_lora:
+                self._project_factors(entry, t.lora_b.grad, t.lora_a.grad)
+            elif t.weight.grad is not None:
+                t.weight.grad.copy_(project(t.weight.grad, entry, self.keep))
+        self.projected_steps += 1
+
+    @torch.no_grad()
+    def project_weights(self) -> None:
+        for t in self.targets:
+            entry = self.basis.entries[t.name]
+            if t.is_lora:
+                self._project_factors(entry, t.lora_b, t.lora_a)
+            else:
+                w0 = self._initial[t.name]
+                delta = project(t.weight.float() - w0.float(), entry, self.keep)
+                t.weight.copy_(w0.float() + delta)
+        self.projected_steps += 1
+
+    def _project_factors(self, entry, b: torch.Tensor | None, a: torch.Tensor | None) -> None:
+        if entry.left is not None and b is not None:
+            b.copy_(project_left(b, entry.left, self.keep))
+        if entry.right is not None and a is not None:
+            a.copy_(project_right(a, entry.right, self.keep))
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "initial": {k: v.detach().cpu() for k, v in self._initial.items()},
+            "projected_steps": self.projected_steps,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Runs before the optimizer exists: stash, and apply in on_fit_start.
+        self._restored = state_dict.get("initial") or None
+        self.projected_steps = int(state_dict.get("projected_steps", 0))

@@ -1,0 +1,138 @@
+"""What projection callbacks share: finding a subspace from a spec, and matching it to parameters.
+
+A subspace spec is one of:
+- a basis artifact (`*.safetensors` written by `safeproj basis` or `Basis.save`);
+- `safety:<preset>`: Δ_S of a preset, its safety-tuned version minus itself (made and cached on first use);
+- any delta spec of `safeproj.core.deltas.delta_from_spec` (`TUNED,BASE` checkpoints, a LoRA adapter, a
+  finished run), from which a basis is built once and cached under the safeproj cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from lightning.pytorch.utilities import rank_zero_info
+
+from safeproj.core.basis import Basis, build_basis
+from safeproj.core.deltas import CheckpointDelta, DeltaSource, delta_from_spec
+from safeproj.model.loading import cache_dir, resolve
+
+KEEPS = ("parallel", "orthogonal")
+
+
+@dataclass
+class BasisOptions:
+    """How to build a basis from a delta: exactly one of frac / eta."""
+
+    frac: float | None = 0.5
+    eta: float | None = None
+    selection: str = "top"
+    side: str = "left"
+    seed: int = 0
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("frac", "eta", "selection", "side", "seed", "include", "exclude")}
+
+
+def delta_source(spec: str, include=None, exclude=None) -> DeltaSource:
+    """A delta spec, with `safety:<preset>` meaning Δ_S of that preset."""
+    if spec.startswith("safety:"):
+        from safeproj.model.prereq import safety_tuned_dir
+
+        preset = spec.split(":", 1)[1]
+        return CheckpointDelta(str(safety_tuned_dir(preset)), resolve(preset), include=include, exclude=exclude)
+    return delta_from_spec(spec, include=include, exclude=exclude)
+
+
+def resolve_basis(spec: str, options: BasisOptions, progress: bool = True) -> Basis:
+    """Load a basis artifact, or build (and cache) one from a delta spec."""
+    if spec.endswith(".safetensors"):
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"basis file {spec} does not exist")
+        return Basis.load(spec)
+    source = delta_source(spec, options.include, options.exclude)
+    key = hashlib.sha256(
+        json.dumps({"source": source.describe(), "options": options.as_dict()}, sort_keys=True).encode()
+    ).hexdigest()[:16]
+    path = cache_dir() / "bases" / f"{key}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.is_file():
+            rank_zero_info(f"Building basis from {spec} ({options.as_dict()}) -> {path}")
+            basis = build_basis(
+                source,
+                frac=options.frac,
+                eta=options.eta,
+                selection=options.selection,
+                side=options.side,
+                seed=options.seed,
+                progress=progress,
+            )
+            basis.save(path)
+    return Basis.load(path)
+
+
+def hf_name(name: str) -> str:
+    """A parameter or module name inside a (possibly PEFT-wrapped) HF model -> the plain HF name."""
+    if name.startswith("base_model.model."):
+        name = name[len("base_model.model.") :]
+    return name.replace(".base_layer", "")
+
+
+@dataclass
+class Target:
+    """A weight that a basis entry governs: a plain parameter, or a LoRA pair (B: out×r, A: r×in)."""
+
+    name: str
+    weight: torch.nn.Parameter | None = None
+    lora_a: torch.nn.Parameter | None = None
+    lora_b: torch.nn.Parameter | None = None
+    scaling: float = 1.0
+
+    @property
+    def is_lora(self) -> bool:
+        return self.lora_a is not None
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW of a LoRA pair, scale·B·A, in fp32."""
+        return self.scaling * (self.lora_b.float() @ self.lora_a.float())
+
+
+def find_targets(model: torch.nn.Module, basis: Basis) -> list[Target]:
+    """Match basis entries to the model's trainable weights (LoRA pairs where adapters exist).
+
+    Raises ValueError naming the first entry the model lacks or whose shape differs.
+    """
+    shapes: dict[str, tuple] = {}
+    lora: dict[str, Target] = {}
+    for module_name, module in model.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "lora_B") and len(module.lora_A) > 0:
+            adapter = next(iter(module.lora_A.keys()))
+            name = hf_name(module_name) + ".weight"
+            lora[name] = Target(
+                name=name,
+                lora_a=module.lora_A[adapter].weight,
+                lora_b=module.lora_B[adapter].weight,
+                scaling=float(module.scaling[adapter]),
+            )
+            shapes[name] = tuple(module.get_base_layer().weight.shape)
+    params = {hf_name(n): p for n, p in model.named_parameters() if "lora_" not in n}
+    for name, p in params.items():
+        shapes.setdefault(name, tuple(p.shape))
+    basis.validate(shapes)
+    targets = []
+    for name in basis.entries:
+        if name in lora:
+            targets.append(lora[name])
+        elif params[name].requires_grad:
+            targets.append(Target(name=name, weight=params[name]))
+        else:
+            raise ValueError(f"basis tensor {name} is frozen in the model and has no LoRA adapter to project")
+    return targets

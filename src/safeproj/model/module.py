@@ -1,0 +1,228 @@
+"""SafeprojLM: any Hugging Face causal LM as a LightningModule, full fine-tuning or LoRA."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from typing_extensions import override
+
+from safeproj.model.loading import load_model, resolve
+
+RUN_MANIFEST = "safeproj.json"
+
+
+@dataclass
+class LoraSettings:
+    """LoRA through peft; ΔW = (alpha / r)·B·A with B starting at zero."""
+
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Scaling numerator (scaling = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module names that get adapters."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"lora.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+class SafeprojLM(L.LightningModule):
+    """Fine-tunes a causal LM on batches of `input_ids`, `attention_mask`, `labels`.
+
+    Args:
+        model: a preset (`tiny`, `smollm2-135m`, `smollm2-135m-safety`), a local directory or a hub name.
+        lora: LoRA settings; None trains every weight.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: share of optimizer steps with linear warmup before the cosine decay.
+        betas: AdamW betas.
+        seed: seed for models built in code (the `tiny` preset).
+        checkpoint_dir: where the final Hugging Face checkpoint goes; default `<default_root_dir>/checkpoint`.
+        trust_remote_code: passed to transformers; off unless you trust the model's code.
+        gradient_checkpointing: trade compute for activation memory.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        lora: LoraSettings | None = None,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.02,
+        betas: tuple[float, float] = (0.9, 0.999),
+        seed: int = 0,
+        checkpoint_dir: str | None = None,
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        self.save_hyperparameters()
+        self.model_name = model
+        self.model, self.tokenizer = load_model(model, trust_remote_code=trust_remote_code, seed=seed)
+        # Where the starting weights live on disk, so a run's update W_end − W_start can be read back.
+        self.base_dir: str | None = _weights_dir(resolve(model, seed=seed))
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        if lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules),
+                task_type="CAUSAL_LM",
+            )
+            self.model = get_peft_model(self.model, config)
+        self.checkpoint_path: str | None = None
+
+    @property
+    def is_lora(self) -> bool:
+        return self.hparams.lora is not None
+
+    @override
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    @override
+    def training_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    @override
+    def validation_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    @override
+    def configure_optimizers(self):
+        from transformers import get_cosine_schedule_with_warmup
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=self.hparams.lr, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(round(self.hparams.warmup_ratio * total))
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @override
+    def on_fit_start(self) -> None:
+        if self.base_dir is None:
+            # Built-in or hub weights without a plain local copy: keep the start for later diffs.
+            # On resume the weights are already restored, so an existing copy is kept, not rewritten.
+            target = Path(self.trainer.default_root_dir) / "initial"
+            if self.trainer.is_global_zero and not (target / "config.json").is_file():
+                save_hf_checkpoint(_base_model(self.model), self.tokenizer, target, state_dict=_base_state_dict(self.model))
+            self.trainer.strategy.barrier("safeproj-initial")
+            self.base_dir = str(target.resolve())
+
+    @override
+    def on_train_end(self) -> None:
+        target = Path(self.hparams.checkpoint_dir or Path(self.trainer.default_root_dir) / "checkpoint")
+        manifest = {
+            "model": self.model_name,
+            "base": self.base_dir,
+            "lora": self.is_lora,
+            "global_step": int(self.trainer.global_step),
+        }
+        if self.trainer.is_global_zero:
+            save_hf_checkpoint(self.model, self.tokenizer, target, manifest=manifest)
+            rank_zero_info(f"Saved checkpoint to {target}")
+        self.checkpoint_path = str(target)
+        _record_checkpoint(self.trainer, str(target))
+
+
+def _weights_dir(path: str) -> str | None:
+    p = Path(path)
+    if p.is_dir() and (any(p.glob("*.safetensors")) or (p / "adapter_config.json").is_file()):
+        return str(p.resolve())
+    return None
+
+
+def _base_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _base_state_dict(model) -> dict[str, torch.Tensor] | None:
+    """The plain Hugging Face state dict of a (possibly PEFT-wrapped) model, adapters left out."""
+    if not hasattr(model, "get_base_model"):
+        return None
+    return {
+        name.replace(".base_layer", ""): tensor
+        for name, tensor in model.get_base_model().state_dict().items()
+        if "lora_" not in name
+    }
+
+
+def save_hf_checkpoint(
+    model, tokenizer, target: Path, manifest: dict | None = None, state_dict: dict | None = None
+) -> Path:
+    """Write a Hugging Face directory (safetensors) atomically: a temp dir renamed into place.
+
+    A PEFT model saves its adapter only; its manifest names the base weights.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        if manifest is not None:
+            (tmp / RUN_MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if target.exists():
+            old = target.with_name(f".{target.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+@rank_zero_only
+def _record_checkpoint(trainer, path: str) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.config.update({"checkpoint_dir": path}, allow_val_change=True)
+            logger.experiment.summary["checkpoint_dir"] = path
+        else:
+            logger.log_hyperparams({"checkpoint_dir": path})
+
+
+def run_manifest(path: str | os.PathLike) -> dict:
+    """The `safeproj.json` of a finished run's checkpoint directory."""
+    file = Path(path) / RUN_MANIFEST
+    if not file.is_file():
+        raise ValueError(f"{path} is not a safeproj run checkpoint (no {RUN_MANIFEST})")
+    return json.loads(file.read_text())
+
+
