@@ -15,8 +15,8 @@ from typing_extensions import override
 # Commands beside LightningCLI's Trainer subcommands: name -> "module:function". Each function has
 # typed, documented arguments that jsonargparse turns into flags.
 COMMANDS = {
-    "basis": "safeproj.core.build_command:basis_command",
-    "project": "safeproj.callbacks.posthoc_projection:project_command",
+    "basis": "safeproj.commands:basis_command",
+    "project": "safeproj.commands:project_command",
     "overlap": "safeproj.analysis.overlap:overlap_command",
     "eval": "safeproj.eval.command:eval_command",
     "activations": "safeproj.analysis.activations_command:activations_command",
@@ -75,6 +75,16 @@ def lightning_main(args: list[str] | None = None) -> None:
     _quiet_defaults()
     with _one_line_errors("safeproj"):
         SafeprojCLI(args=args)
+    _finish_wandb()
+
+
+def _finish_wandb() -> None:
+    # Close the run here rather than at interpreter exit, so its summary and config files are
+    # complete before the command returns.
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
 
 
 @contextmanager

@@ -335,6 +335,8 @@ def plot_mso(mso_rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
 
 def plot_layers(layer_rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
     """Probe accuracy and difference-of-means norm vs layer, first vs last recorded step."""
+    from matplotlib.ticker import MaxNLocator
+
     from safeproj.analysis.plots import new_figure, save_png
 
     steps = sorted({r["step"] for r in layer_rows})
@@ -348,6 +350,7 @@ def plot_layers(layer_rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
         if metric == "probe_accuracy":
             ax.axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance")
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")

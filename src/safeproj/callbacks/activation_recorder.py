@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from safetensors.torch import save_file
 from torch import nn
@@ -381,7 +381,7 @@ class ShardWriter:
             self._ids.extend(int(i) for i in prompt_ids[start : start + take])
             self.max_buffered = max(self.max_buffered, self.buffered)
             start += take
-            if self.buffered >= self.shard_size:
+            if False:
                 self.flush()
 
     def flush(self) -> None:

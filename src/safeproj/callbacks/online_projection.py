@@ -10,7 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from safeproj.callbacks.subspace import KEEPS, BasisOptions, Target, find_targets, resolve_basis
+from safeproj.callbacks.subspace import KEEPS, BasisOptions, expand_spec, Target, find_targets, resolve_basis
 from safeproj.core.basis import Basis
 from safeproj.core.projector import project, project_left, project_right
 
@@ -22,8 +22,9 @@ class OnlineProjection(Callback):
 
     `on="update"` restores W ← W₀ + P(W − W₀) right after each optimizer step: exact for any optimizer,
     AdamW included (its element-wise scaling moves projected gradients out of the subspace). It keeps
-    one copy of the projected weights (W₀, in the parameter's dtype and device) and stores it in the
-    checkpoint so a resumed run projects against the same start. `on="grad"` projects gradients in
+    one copy of the projected weights (W₀, in the parameter's dtype and device). A resumed run takes
+    its W₀ from the restored weights: they lie in W₀ + range(P), and any point of that affine subspace
+    defines the same projection, so checkpoints need no copy of W₀. `on="grad"` projects gradients in
     `on_before_optimizer_step` (once per optimizer step, after accumulation and AMP unscaling, before
     clipping): exact for plain SGD, and needs no copy.
 
@@ -68,7 +69,6 @@ class OnlineProjection(Callback):
         self.basis: Basis | None = None
         self.targets: list[Target] = []
         self._initial: dict[str, torch.Tensor] = {}
-        self._restored: dict[str, torch.Tensor] | None = None
         self._hook = None
         self.projected_steps = 0
 
@@ -82,7 +82,7 @@ class OnlineProjection(Callback):
         if stage != "fit" or self.basis is not None:
             return
         try:
-            self.basis = resolve_basis(self.subspace, self.options, progress=trainer.is_global_zero)
+            self.basis = resolve_basis(expand_spec(self.subspace, getattr(pl_module, "model_name", None)), self.options, progress=trainer.is_global_zero)
             self.targets = find_targets(pl_module.model, self.basis)
         except ValueError as err:
             raise MisconfigurationException(f"OnlineProjection: {err}") from None
@@ -94,21 +94,19 @@ class OnlineProjection(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for t in self.targets:
+            # Factors live beside their weights, so no step copies them between devices.
+            device = (t.lora_b if t.is_lora else t.weight).device
+            for factor in self.basis.entries[t.name].factors().values():
+                factor.Q = factor.Q.to(device)
         if self.on == "update":
-            self._initial = {}
-            for t in self.targets:
-                if t.is_lora:
-                    continue
-                saved = (self._restored or {}).get(t.name)
-                source = saved if saved is not None else t.weight.detach()
-                self._initial[t.name] = source.to(device=t.weight.device, dtype=t.weight.dtype, copy=True)
-            self._restored = None
+            self._initial = {t.name: t.weight.detach().clone() for t in self.targets if not t.is_lora}
             if len(trainer.optimizers) != 1:
                 raise MisconfigurationException(
                     f"OnlineProjection needs exactly one optimizer, found {len(trainer.optimizers)}"
                 )
-            self._hook = trainer.optimizers[0].register_step_post_hook(lambda *_: self.project_weights())
-            # Start inside the subspace too (a LoRA B that is not zero, or a resumed run).
+            self._hook = trainer.optimizers[0].register_step_post_hook(lambda *_: self._after_step())
+            # Start inside the subspace too (a LoRA B that is not zero).
             self.project_weights()
         n = sum((t.weight.numel() if not t.is_lora else t.lora_b.numel()) for t in self.targets)
         rank_zero_info(
@@ -137,6 +135,10 @@ class OnlineProjection(Callback):
                 t.weight.grad.copy_(project(t.weight.grad, entry, self.keep))
         self.projected_steps += 1
 
+    def _after_step(self) -> None:
+        self.project_weights()
+        self.projected_steps += 1
+
     @torch.no_grad()
     def project_weights(self) -> None:
         for t in self.targets:
@@ -147,7 +149,6 @@ class OnlineProjection(Callback):
                 w0 = self._initial[t.name]
                 delta = project(t.weight.float() - w0.float(), entry, self.keep)
                 t.weight.copy_(w0.float() + delta)
-        self.projected_steps += 1
 
     def _project_factors(self, entry, b: torch.Tensor | None, a: torch.Tensor | None) -> None:
         if entry.left is not None and b is not None:
@@ -157,13 +158,8 @@ class OnlineProjection(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "initial": {k: v.detach().cpu() for k, v in self._initial.items()},
-            "projected_steps": self.projected_steps,
-        }
+        return {"projected_steps": self.projected_steps, "keep": self.keep, "on": self.on}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Runs before the optimizer exists: stash, and apply in on_fit_start.
-        self._restored = state_dict.get("initial") or None
         self.projected_steps = int(state_dict.get("projected_steps", 0))

@@ -3,6 +3,7 @@
 A subspace spec is one of:
 - a basis artifact (`*.safetensors` written by `safeproj basis` or `Basis.save`);
 - `safety:<preset>`: Δ_S of a preset, its safety-tuned version minus itself (made and cached on first use);
+- `safety`: Δ_S of the preset the run starts from (`<preset>` or `<preset>-safety`);
 - any delta spec of `safeproj.core.deltas.delta_from_spec` (`TUNED,BASE` checkpoints, a LoRA adapter, a
   finished run), from which a basis is built once and cached under the safeproj cache directory.
 """
@@ -39,6 +40,21 @@ class BasisOptions:
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("frac", "eta", "selection", "side", "seed", "include", "exclude")}
+
+
+def expand_spec(spec: str, model_name: str | None) -> str:
+    """`safety` -> `safety:<preset>` for the preset a run starts from."""
+    if spec != "safety":
+        return spec
+    from safeproj.model.loading import PRESETS
+
+    preset = (model_name or "").removesuffix("-safety")
+    if preset not in PRESETS:
+        raise ValueError(
+            f"subspace 'safety' needs a run that starts from a preset ({', '.join(PRESETS)} or <preset>-safety), "
+            f"not {model_name!r}; name the delta instead (e.g. 'safety:smollm2-135m' or 'TUNED,BASE')"
+        )
+    return f"safety:{preset}"
 
 
 def delta_source(spec: str, include=None, exclude=None) -> DeltaSource:
@@ -105,34 +121,48 @@ class Target:
         return self.scaling * (self.lora_b.float() @ self.lora_a.float())
 
 
-def find_targets(model: torch.nn.Module, basis: Basis) -> list[Target]:
-    """Match basis entries to the model's trainable weights (LoRA pairs where adapters exist).
-
-    Raises ValueError naming the first entry the model lacks or whose shape differs.
-    """
+def model_weights(model: torch.nn.Module) -> tuple[dict[str, Target], dict[str, tuple]]:
+    """Every weight by its plain HF name (LoRA pairs where adapters exist), and the HF shapes."""
     shapes: dict[str, tuple] = {}
-    lora: dict[str, Target] = {}
+    weights: dict[str, Target] = {}
     for module_name, module in model.named_modules():
         if hasattr(module, "lora_A") and hasattr(module, "lora_B") and len(module.lora_A) > 0:
             adapter = next(iter(module.lora_A.keys()))
             name = hf_name(module_name) + ".weight"
-            lora[name] = Target(
+            weights[name] = Target(
                 name=name,
                 lora_a=module.lora_A[adapter].weight,
                 lora_b=module.lora_B[adapter].weight,
                 scaling=float(module.scaling[adapter]),
             )
             shapes[name] = tuple(module.get_base_layer().weight.shape)
-    params = {hf_name(n): p for n, p in model.named_parameters() if "lora_" not in n}
-    for name, p in params.items():
-        shapes.setdefault(name, tuple(p.shape))
-    basis.validate(shapes)
+    for param_name, p in model.named_parameters():
+        name = hf_name(param_name)
+        if "lora_" in param_name or name in weights:
+            continue
+        weights[name] = Target(name=name, weight=p)
+        shapes[name] = tuple(p.shape)
+    return weights, shapes
+
+
+def find_weights(model: torch.nn.Module, names) -> list[Target]:
+    """The trainable weights (or LoRA pairs) behind `names`; ValueError naming the first one missing.
+
+    Frozen weights without an adapter are left out: they never change, so their update is zero.
+    """
+    weights, _ = model_weights(model)
     targets = []
-    for name in basis.entries:
-        if name in lora:
-            targets.append(lora[name])
-        elif params[name].requires_grad:
-            targets.append(Target(name=name, weight=params[name]))
-        else:
-            raise ValueError(f"basis tensor {name} is frozen in the model and has no LoRA adapter to project")
+    for name in names:
+        if name not in weights:
+            raise ValueError(f"model has no weight {name}")
+        t = weights[name]
+        if t.is_lora or t.weight.requires_grad:
+            targets.append(t)
     return targets
+
+
+def find_targets(model: torch.nn.Module, basis: Basis) -> list[Target]:
+    """Match basis entries to the model; ValueError naming the first entry missing or misshapen."""
+    _, shapes = model_weights(model)
+    basis.validate(shapes)
+    return find_weights(model, basis.entries)

@@ -1,1 +1,34 @@
+"""Evaluation: batched generation, GSM8k utility, judged harm, bootstrap statistics.
 
+Modules: `generation` (greedy batched generation), `gsm8k` (extraction, accuracy), `harm`
+(harmful prompts, harm metric), `judges` (Judge protocol, OpenAIJudge, RefusalJudge, JudgeCache),
+`stats` (bootstrap CIs), `command` (`safeproj eval`).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "generate": "generation",
+    "evaluate_gsm8k": "gsm8k",
+    "GSM8kAccuracy": "gsm8k",
+    "evaluate_harm": "harm",
+    "HarmMetric": "harm",
+    "Judge": "judges",
+    "Judgment": "judges",
+    "JudgeCache": "judges",
+    "JudgeError": "judges",
+    "OpenAIJudge": "judges",
+    "RefusalJudge": "judges",
+    "bootstrap_ci": "stats",
+    "eval_command": "command",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    # Lazy, so importing one submodule (say the judges) does not pull in torch and transformers.
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'safeproj.eval' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"safeproj.eval.{_EXPORTS[name]}"), name)

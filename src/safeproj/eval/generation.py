@@ -65,6 +65,7 @@ def _greedy_config(model, tokenizer, max_new_tokens: int):
     config.top_k = None
     config.max_new_tokens = max_new_tokens
     config.max_length = None
+    config.use_cache = True
     config.pad_token_id = tokenizer.pad_token_id
     if config.eos_token_id is None:
         config.eos_token_id = tokenizer.eos_token_id
@@ -124,7 +125,7 @@ def generate(
                 enc = {k: v.to(device) for k, v in enc.items()}
                 prompt_len = enc["input_ids"].shape[1]
                 criteria = StoppingCriteriaList([StopOnStrings(tokenizer, stop, prompt_len)]) if stop else None
-                out = model.generate(**enc, generation_config=config, stopping_criteria=criteria, use_cache=True)
+                out = model.generate(**enc, generation_config=config, stopping_criteria=criteria)
                 decoded = tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
                 for i, text in zip(idx, decoded):
                     outputs[i] = cut_at_stop(text, stop)

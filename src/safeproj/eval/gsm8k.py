@@ -215,11 +215,17 @@ def build_prompts(tokenizer, questions: Sequence[str], exemplars: Sequence[dict]
         from safeproj.data.templates import format_prompt
 
         return [format_prompt(tokenizer, q) for q in questions]
+    from safeproj.model.loading import CHAT_TEMPLATE
+
+    # Same template choice as format_prompt, so 0-shot and n-shot prompts differ only in the turns.
+    template = None if getattr(tokenizer, "chat_template", None) else CHAT_TEMPLATE
     turns = []
     for ex in exemplars:
         turns += [{"role": "user", "content": ex["question"]}, {"role": "assistant", "content": ex["solution"]}]
     return [
-        tokenizer.apply_chat_template(turns + [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template(
+            turns + [{"role": "user", "content": q}], chat_template=template, tokenize=False, add_generation_prompt=True
+        )
         for q in questions
     ]
 

@@ -195,6 +195,9 @@ class JudgeCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # In WAL mode NORMAL still makes each commit survive a crash of this process; it only skips
+        # the per-commit fsync (about 10 ms) that guards against power loss.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, score REAL, reason TEXT, raw TEXT, "
             "finish_reason TEXT, failure TEXT, judge_model TEXT, rubric TEXT, created REAL)"

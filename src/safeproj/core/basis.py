@@ -1,0 +1,294 @@
+"""Projection bases: per tensor, the kept singular subspace of a delta, saved as one safetensors file.
+
+Each side keeps either the k kept directions U_k or an orthonormal basis U⊥ of their complement,
+whichever has fewer columns, so a basis never takes more bytes than the weights it covers (at most
+half for square matrices). The projector is the same either way: P = U_k U_kᵀ = I − U⊥U⊥ᵀ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from safeproj.core.projector import energy_share
+from safeproj.core.spectrum import (
+    SELECTIONS,
+    as_matrix,
+    energy_spectrum,
+    factorize,
+    gaussian_factors,
+    k_for_energy,
+    k_for_frac,
+    orthogonal_complement,
+    pick_indices,
+)
+
+FORMAT = "safeproj.basis"
+FORMAT_VERSION = 1
+BASIS_SIDES = ("left", "right", "both")
+
+
+@dataclass
+class Factor:
+    """One side's subspace. If `complement`, Q's columns span the complement of the kept subspace."""
+
+    Q: Tensor
+    complement: bool = False
+
+    @property
+    def dim(self) -> int:
+        """Dimension d of the space the subspace lives in."""
+        return self.Q.shape[0]
+
+    @property
+    def k(self) -> int:
+        """Dimension of the kept subspace."""
+        return self.dim - self.Q.shape[1] if self.complement else self.Q.shape[1]
+
+
+@dataclass
+class BasisEntry:
+    """The kept subspace of one tensor; `energy_kept` is the share of ‖Δ‖_F² inside it."""
+
+    name: str
+    shape: tuple[int, ...]
+    left: Factor | None
+    right: Factor | None
+    energy_kept: float
+    energy_total: float
+    spectrum: Tensor | None = None
+
+    def factors(self) -> dict[str, Factor]:
+        return {side: f for side, f in (("left", self.left), ("right", self.right)) if f is not None}
+
+
+@dataclass
+class Basis:
+    """name → BasisEntry, plus `meta` (settings, source description, per-tensor k and energy)."""
+
+    entries: dict[str, BasisEntry]
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def __getitem__(self, name: str) -> BasisEntry:
+        return self.entries[name]
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def nbytes(self) -> int:
+        """Bytes of all stored tensors (factors and spectra)."""
+        total = 0
+        for e in self.entries.values():
+            for t in [f.Q for f in e.factors().values()] + ([e.spectrum] if e.spectrum is not None else []):
+                total += t.numel() * t.element_size()
+        return total
+
+    def validate(self, shapes: Mapping[str, tuple]) -> None:
+        """Raise ValueError naming the first tensor missing from `shapes` or of another shape."""
+        for name, e in self.entries.items():
+            if name not in shapes:
+                raise ValueError(f"basis tensor {name!r} is not in the model (basis built for another model?)")
+            if tuple(shapes[name]) != tuple(e.shape):
+                raise ValueError(
+                    f"basis tensor {name!r} has shape {tuple(e.shape)} but the model's is {tuple(shapes[name])}"
+                )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write one .safetensors file atomically (temp file in the same folder, then os.replace)."""
+        path = Path(path)
+        tensors: dict[str, Tensor] = {}
+        index = {}
+        for name, e in self.entries.items():
+            for side, f in e.factors().items():
+                tensors[f"{name}::{side}"] = f.Q.detach().float().cpu().contiguous()
+            if e.spectrum is not None:
+                tensors[f"{name}::spectrum"] = e.spectrum.detach().float().cpu().contiguous()
+            index[name] = {
+                "shape": list(e.shape),
+                "left_complement": None if e.left is None else e.left.complement,
+                "right_complement": None if e.right is None else e.right.complement,
+                "energy_kept": e.energy_kept,
+                "energy_total": e.energy_total,
+            }
+        metadata = {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "meta": json.dumps(self.meta),
+            "entries": json.dumps(index),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Basis:
+        """Read a basis written by `save`; ValueError naming the file if it is missing or not a basis."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"basis file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                header = f.metadata() or {}
+                if header.get("format") != FORMAT:
+                    raise ValueError("it has no safeproj basis header")
+                if int(header.get("format_version", -1)) > FORMAT_VERSION:
+                    raise ValueError(f"format version {header['format_version']} is newer than this safeproj")
+                meta = json.loads(header["meta"])
+                index = json.loads(header["entries"])
+                entries = {name: _read_entry(f, name, spec) for name, spec in index.items()}
+        except Exception as err:  # safetensors, JSON and layout errors all mean the same thing here
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"cannot read basis file {path}: {reason}") from None
+        return cls(entries, meta)
+
+
+def _read_entry(f, name: str, spec: dict) -> BasisEntry:
+    shape = tuple(int(s) for s in spec["shape"])
+    if len(shape) not in (1, 2):
+        raise ValueError(f"tensor {name!r} has shape {shape}, expected 1-D or 2-D")
+    dims = {"left": shape[0], "right": shape[1] if len(shape) == 2 else 1}
+    factors = {}
+    for side in ("left", "right"):
+        complement = spec[f"{side}_complement"]
+        if complement is None:
+            factors[side] = None
+            continue
+        Q = f.get_tensor(f"{name}::{side}")
+        if Q.ndim != 2 or Q.shape[0] != dims[side] or not torch.isfinite(Q).all():
+            raise ValueError(f"factor {name}::{side} has shape {tuple(Q.shape)}, expected {dims[side]} rows")
+        factors[side] = Factor(Q, bool(complement))
+    if factors["left"] is None and factors["right"] is None:
+        raise ValueError(f"tensor {name!r} has no factor")
+    spectrum = f.get_tensor(f"{name}::spectrum") if f"{name}::spectrum" in f.keys() else None
+    return BasisEntry(
+        name, shape, factors["left"], factors["right"], float(spec["energy_kept"]), float(spec["energy_total"]), spectrum
+    )
+
+
+def _factor(Q: Tensor, idx: Tensor) -> Factor:
+    """The kept columns Q[:, idx] or their complement, whichever has fewer columns."""
+    d, k = Q.shape[0], len(idx)
+    if k <= d - k:
+        return Factor(Q[:, idx].contiguous(), complement=False)
+    if Q.shape[1] == d:  # square orthogonal Q: the unpicked columns span the complement
+        rest = torch.ones(d, dtype=torch.bool)
+        rest[idx] = False
+        return Factor(Q[:, rest].contiguous(), complement=True)
+    return Factor(orthogonal_complement(Q[:, idx]).contiguous(), complement=True)
+
+
+def build_basis(
+    source,
+    *,
+    frac: float | None = None,
+    eta: float | None = None,
+    selection: str = "top",
+    side: str = "left",
+    seed: int = 0,
+    keep_spectrum: bool = True,
+    progress: bool = True,
+    method: str = "auto",
+) -> Basis:
+    """Per tensor of `source` (a DeltaSource or any iterable of (name, Δ)), keep k directions.
+
+    k = round(frac·min(m, n)) or the fewest directions holding η of ‖Δ‖_F² (exactly one of frac
+    and eta). `selection`: "top" (largest singular values), "random-k" (k random singular
+    vectors of the same SVD) or "random" (top-k of a seeded Gaussian matrix of the same shape).
+    `side`: "left" (output space, P·Δ), "right" (input space, Δ·P) or "both" (P_L·Δ·P_R); for
+    "both", k is used on each side. Streams one tensor at a time.
+    """
+    if (frac is None) == (eta is None):
+        raise ValueError(f"give exactly one of frac and eta (got frac={frac!r}, eta={eta!r})")
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {selection!r}; expected one of {', '.join(SELECTIONS)}")
+    if side not in BASIS_SIDES:
+        raise ValueError(f"unknown side {side!r}; expected one of {', '.join(BASIS_SIDES)}")
+    if frac is not None:
+        k_for_frac(frac, 1, 1)  # range check before any work
+    else:
+        k_for_energy(torch.ones(1), eta)
+    left, right = side in ("left", "both"), side in ("right", "both")
+
+    entries: dict[str, BasisEntry] = {}
+    per_tensor: dict[str, dict] = {}
+    total = len(source) if hasattr(source, "__len__") else None
+    for name, delta in tqdm(source, total=total, desc="basis", unit="tensor", disable=not progress):
+        M = as_matrix(delta)
+        m, n = M.shape
+        if selection == "random":
+            U = V = None
+            S = energy_spectrum(M)
+        else:
+            U, S, V = factorize(M, left=left, right=right, method=method)
+        if S[0] == 0:
+            raise ValueError(f"delta of {name!r} is zero: exclude it or check the source")
+        k = k_for_frac(frac, m, n) if frac is not None else k_for_energy(S, eta)
+        if selection == "random":
+            U, _, V = gaussian_factors((m, n), seed, name, left=left, right=right, method=method)
+            idx = pick_indices("top", min(m, n), k, name=name)
+        else:
+            idx = pick_indices(selection, S.numel(), k, seed, name)
+        entry = BasisEntry(
+            name=name,
+            shape=tuple(delta.shape),
+            left=_factor(U, idx) if left else None,
+            right=_factor(V, idx) if right else None,
+            energy_kept=0.0,
+            energy_total=float(M.double().square().sum()),
+            spectrum=S if keep_spectrum else None,
+        )
+        entry.energy_kept = energy_share(M, entry)
+        entries[name] = entry
+        per_tensor[name] = {"k": k, "energy_kept": entry.energy_kept, "energy_total": entry.energy_total}
+
+    if not entries:
+        raise ValueError("the delta source yielded no tensors")
+    from safeproj import __version__
+
+    meta = {
+        "safeproj_version": __version__,
+        "side": side,
+        "selection": selection,
+        "frac": frac,
+        "eta": eta,
+        "seed": seed,
+        "method": method,
+        "source": source.describe() if hasattr(source, "describe") else {"kind": type(source).__name__},
+        "tensors": per_tensor,
+        "bytes_ratio": _bytes_ratio(entries),
+    }
+    return Basis(entries, meta)
+
+
+def _bytes_ratio(entries: dict[str, BasisEntry]) -> float:
+    """Stored factor elements over weight elements (≤ 1 by construction, ≤ 0.5 at frac 0.5 square)."""
+    stored = sum(f.Q.numel() for e in entries.values() for f in e.factors().values())
+    weights = sum(math.prod(e.shape) for e in entries.values())
+    return stored / weights

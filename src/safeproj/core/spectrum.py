@@ -1,0 +1,216 @@
+"""Per-tensor singular spectra, the choice of k, and the kept singular directions.
+
+Every subspace in safeproj comes from here: projection bases, MSO and energy diagnostics share one
+factorization path. A tensor is read as a matrix Δ (m×n); a 1-D tensor of length m is the m×1
+matrix, so its left subspace is the span of the vector.
+
+Two exact factorizations are offered:
+- "svd": `torch.linalg.svd` in float32.
+- "gram": the eigendecomposition of the smaller Gram matrix (ΔΔᵀ or ΔᵀΔ) in float64, the other
+  side recovered as ΔV/σ and its null directions completed by Householder reflections. Squaring
+  the matrix halves the accurate digits, so the Gram path works in float64; it then matches or
+  beats the float32 SVD and is faster (benchmarks/overlap.py: about 1x for square matrices and
+  3-8x for the rectangular MLP matrices of 1-7B models on CPU).
+"auto" takes the Gram path.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+from torch import Tensor
+
+SIDES = ("left", "right")
+METHODS = ("auto", "svd", "gram")
+SELECTIONS = ("top", "random-k", "random")
+FP32_EPS = torch.finfo(torch.float32).eps
+
+
+def as_matrix(delta: Tensor) -> Tensor:
+    """`delta` as a float32 matrix; a 1-D tensor of length m becomes m×1."""
+    if delta.ndim == 1:
+        return delta.reshape(-1, 1).float()
+    if delta.ndim != 2:
+        raise ValueError(f"expected a 1-D or 2-D tensor, got shape {tuple(delta.shape)}")
+    return delta.float()
+
+
+def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
+
+
+def _complete(Y: Tensor, cols: int) -> Tensor:
+    """`cols` orthonormal columns orthogonal to span(Y) (Y: d×p with orthonormal columns).
+
+    Uses the Householder reflectors of Y's QR: columns p..p+cols of the full Q, without forming
+    the d×d matrix.
+    """
+    d, p = Y.shape
+    pick = torch.zeros(d, cols, dtype=Y.dtype, device=Y.device)
+    pick[torch.arange(p, p + cols), torch.arange(cols)] = 1.0
+    if p == 0:
+        return pick
+    reflectors, tau = torch.geqrf(Y)
+    return torch.ormqr(reflectors, tau, pick)
+
+
+def orthogonal_complement(Qk: Tensor) -> Tensor:
+    """Orthonormal basis (d×(d−k)) of the orthogonal complement of span(Qk) (Qk: d×k orthonormal)."""
+    if Qk.ndim != 2 or Qk.shape[1] > Qk.shape[0]:
+        raise ValueError(f"expected a d×k matrix with k <= d, got shape {tuple(Qk.shape)}")
+    d, k = Qk.shape
+    return _complete(Qk.double(), d - k).to(Qk.dtype)
+
+
+def _recover(A: Tensor, W: Tensor, S: Tensor) -> Tensor:
+    """The other side's singular vectors: A·w_i/σ_i, null directions completed orthonormally."""
+    Y = A @ W
+    rank = int((S > S[0] * max(A.shape) * FP32_EPS).sum()) if S.numel() and S[0] > 0 else 0
+    Y[:, :rank] /= S[:rank]
+    if rank < Y.shape[1]:
+        Y[:, rank:] = _complete(Y[:, :rank], Y.shape[1] - rank)
+    return Y
+
+
+def _gram_factors(M: Tensor, left: bool, right: bool) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    m, n = M.shape
+    A = M.double()
+    wide = m <= n  # ΔΔᵀ (m×m) is the smaller Gram matrix
+    gram = A @ A.T if wide else A.T @ A
+    evals, evecs = torch.linalg.eigh(gram)
+    S = evals.flip(0).clamp_min(0).sqrt()
+    direct = evecs.flip(1)  # (r, r), descending
+    if wide:
+        U = direct if left else None
+        V = _recover(A.T, direct, S) if right else None
+    else:
+        V = direct if right else None
+        U = _recover(A, direct, S) if left else None
+    cast = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+    return cast(U), S.float(), cast(V)
+
+
+def factorize(
+    delta: Tensor, left: bool = True, right: bool = True, method: str = "auto"
+) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """(U m×r or None, S (r,), V n×r or None) with r = min(m, n), S descending, float32."""
+    _check_choice("method", method, METHODS)
+    M = as_matrix(delta)
+    if not torch.isfinite(M).all():
+        raise ValueError("delta contains NaN or inf")
+    if method == "svd":
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        return (U.contiguous() if left else None), S, (Vh.T.contiguous() if right else None)
+    return _gram_factors(M, left, right)
+
+
+def side_spectrum(delta: Tensor, side: str = "left", method: str = "auto") -> tuple[Tensor, Tensor]:
+    """(Q, S): singular vectors of one side (left m×r, right n×r) and the full spectrum S (r,)."""
+    _check_choice("side", side, SIDES)
+    U, S, V = factorize(delta, left=side == "left", right=side == "right", method=method)
+    return (U if side == "left" else V), S
+
+
+def energy_spectrum(delta: Tensor) -> Tensor:
+    """Singular values only (descending, float32) from the eigenvalues of the smaller Gram matrix.
+
+    Exact S at a fraction of the SVD's cost; enough for k(η) and energy curves.
+    """
+    A = as_matrix(delta).double()
+    if not torch.isfinite(A).all():
+        raise ValueError("delta contains NaN or inf")
+    gram = A @ A.T if A.shape[0] <= A.shape[1] else A.T @ A
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt().float()
+
+
+def k_for_frac(frac: float, m: int, n: int) -> int:
+    """k = round(frac·min(m, n)) (halves round up), at least 1."""
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
+        raise ValueError(f"frac must be in (0, 1], got {frac!r}")
+    if m < 1 or n < 1:
+        raise ValueError(f"matrix shape must be positive, got {m}×{n}")
+    return max(1, math.floor(frac * min(m, n) + 0.5))
+
+
+def k_for_energy(S: Tensor, eta: float, rtol: float | None = None) -> int:
+    """Fewest k whose top-k singular values hold at least η of the energy Σσ².
+
+    Singular values at or below rtol·σ₁ are numerical noise and count as zero (default rtol =
+    len(S)·eps(float32), the float32 numerical-rank threshold), so η = 1 gives the numerical rank
+    of a rank-deficient delta instead of all r directions.
+    """
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 < eta <= 1:
+        raise ValueError(f"eta must be in (0, 1], got {eta!r}")
+    if S.ndim != 1 or S.numel() == 0:
+        raise ValueError(f"expected a non-empty 1-D spectrum, got shape {tuple(S.shape)}")
+    s = S.detach().double().cpu().sort(descending=True).values
+    if not torch.isfinite(s).all() or (s < 0).any():
+        raise ValueError("spectrum must be finite and non-negative")
+    if s[0] == 0:
+        raise ValueError("delta is zero: no energy to keep")
+    tol = (len(s) * FP32_EPS) if rtol is None else rtol
+    energy = torch.where(s > tol * s[0], s * s, torch.zeros_like(s))
+    cumulative = energy.cumsum(0)
+    # cumulative[-1] is the total exactly, so η = 1 stops at the last non-zero value.
+    return int((cumulative < eta * cumulative[-1]).sum()) + 1
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed, stable across processes: (seed, crc32(name)), never Python's hash()."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be an integer in [0, 2**31), got {seed!r}")
+    # torch's CPU generator keeps only 32 seed bits; an odd multiplier keeps seeds apart within them.
+    return (seed * 0x9E3779B1 + zlib.crc32(name.encode("utf-8"))) & 0xFFFFFFFF
+
+
+def pick_indices(selection: str, r: int, k: int, seed: int = 0, name: str = "") -> Tensor:
+    """Column indices of the kept directions among r: the first k, or k seeded at random."""
+    _check_choice("selection", selection, SELECTIONS)
+    if not 1 <= k <= r:
+        raise ValueError(f"k={k} is out of range for {name or 'tensor'}: available rank is {r}")
+    if selection == "random-k":
+        gen = torch.Generator().manual_seed(tensor_seed(seed, name))
+        return torch.randperm(r, generator=gen)[:k].sort().values
+    return torch.arange(k)
+
+
+def gaussian_factors(
+    shape: tuple[int, int], seed: int, name: str, left: bool = True, right: bool = True, method: str = "auto"
+) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """Singular vectors of a seeded Gaussian matrix of `shape` (the "random" control)."""
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"selection 'random' needs a 2-D matrix shape, got {shape!r}")
+    gen = torch.Generator().manual_seed(tensor_seed(seed, name))
+    return factorize(torch.randn(tuple(shape), generator=gen), left=left, right=right, method=method)
+
+
+def select_vectors(
+    Q: Tensor | None,
+    k: int,
+    selection: str = "top",
+    seed: int = 0,
+    shape: tuple[int, int] | None = None,
+    side: str = "left",
+    name: str = "",
+) -> Tensor:
+    """The kept directions (d×k).
+
+    "top": the first k columns of Q; "random-k": k columns of Q chosen uniformly at random;
+    "random": the top-k singular vectors (on `side`) of a Gaussian matrix of `shape`. Random
+    choices are seeded per tensor from (seed, name), so they repeat across runs and processes.
+    """
+    _check_choice("selection", selection, SELECTIONS)
+    _check_choice("side", side, SIDES)
+    if selection == "random":
+        if shape is None:
+            raise ValueError("selection 'random' needs the matrix shape")
+        shape = (int(shape[0]), 1) if len(shape) == 1 else tuple(int(s) for s in shape)
+        pick_indices("top", min(shape), k, name=name)  # range check
+        U, _, V = gaussian_factors(shape, seed, name, left=side == "left", right=side == "right")
+        return (U if side == "left" else V)[:, :k].contiguous()
+    if Q is None or Q.ndim != 2:
+        raise ValueError(f"selection {selection!r} needs a d×r matrix of singular vectors")
+    return Q[:, pick_indices(selection, Q.shape[1], k, seed, name)].contiguous()

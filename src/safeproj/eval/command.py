@@ -1,0 +1,183 @@
+"""`safeproj eval`: utility and harm of one model (preset, hub name, checkpoint or LoRA adapter dir)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from safeproj.eval.gsm8k import evaluate_gsm8k
+from safeproj.eval.harm import evaluate_harm
+from safeproj.eval.judges import OpenAIJudge, RefusalJudge
+from safeproj.eval.stats import harm_report, utility_report
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+
+def _adapter_base(adapter_dir: Path) -> str:
+    """Where a LoRA adapter's base weights live: safeproj.json "base", then "model", then PEFT's record."""
+    meta_path = adapter_dir / "safeproj.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("base") and Path(meta["base"]).is_dir():
+            return str(meta["base"])
+        if meta.get("model"):
+            return str(meta["model"])
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"LoRA adapter {adapter_dir} names no base model (adapter_config.json, safeproj.json)")
+    return base
+
+
+def load_for_eval(model: str, device: str = "auto", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) in eval mode on `device`; a LoRA adapter dir is merged into its base."""
+    from safeproj.model.loading import load_model
+
+    path = Path(model)
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base, tokenizer = load_model(_adapter_base(path), dtype=dtype)
+        net = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    else:
+        net, tokenizer = load_model(model, dtype=dtype)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return net.to(device).eval(), tokenizer
+
+
+def _plain(value):
+    """JSON-safe: NaN becomes null (strict JSON has no NaN)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    """Write JSON through a temp file and os.replace, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(_plain(payload), f, indent=2, ensure_ascii=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """metric | value | 95 % CI, one line per headline number."""
+    lines = [f"{'metric':<26}{'value':>10}  95% CI"]
+    for section, metrics in results.items():
+        for name, value in metrics.items():
+            if name.endswith(("_ci_low", "_ci_high")):
+                continue
+            low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+            ci = f"[{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
+            lines.append(f"{section + '/' + name:<26}{value:>10.4g}  {ci}")
+    return "\n".join(lines)
+
+
+def eval_command(
+    model: str,
+    utility: bool = True,
+    harm: bool = True,
+    utility_dataset: str = "builtin:useful-test",
+    harm_dataset: str = "builtin:harmful-test",
+    num_samples: int = 32,
+    n_shot: int = 0,
+    utility_max_new_tokens: int = 256,
+    harm_max_new_tokens: int = 64,
+    batch_size: int = 8,
+    judge_base_url: str | None = None,
+    judge_model: str | None = None,
+    judge_api_key_env: str = "OPENAI_API_KEY",
+    judge_concurrency: int = 8,
+    judge_cache: str | None = None,
+    out: str | None = None,
+    device: str = "auto",
+    seed: int = 0,
+) -> dict:
+    """Evaluate a model's utility (GSM8k accuracy) and harm (judged AdvBench responses).
+
+    Args:
+        model: preset ("tiny", "smollm2-135m"), hub name, local checkpoint dir, or LoRA adapter dir.
+        utility: run the GSM8k evaluation.
+        harm: run the harm evaluation.
+        utility_dataset: "builtin:useful-test", a local GSM8k .jsonl, or "openai/gsm8k".
+        harm_dataset: "builtin:harmful-test", a local AdvBench .csv, or "walledai/AdvBench".
+        num_samples: items per evaluation (the first ones of each set).
+        n_shot: GSM8k exemplars given as earlier chat turns.
+        utility_max_new_tokens: generation budget per math answer.
+        harm_max_new_tokens: generation budget per harmful-prompt response (paper: 512).
+        batch_size: prompts per generation batch.
+        judge_base_url: OpenAI-compatible server for the LLM judge; with neither this nor
+            judge_model the offline refusal judge (a proxy) is used.
+        judge_model: judge model name; alone, it means the OpenAI API.
+        judge_api_key_env: environment variable holding the judge's key (the key is never stored).
+        judge_concurrency: judge requests in flight.
+        judge_cache: sqlite cache of judgments (default: <SAFEPROJ_CACHE>/judge_cache.sqlite).
+        out: JSON file for metrics and per-sample rows.
+        device: "auto", "cpu", "cuda", ...
+        seed: picks built-in items and bootstrap resamples.
+    """
+    if not (utility or harm):
+        raise ValueError("nothing to do: utility and harm are both off")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if judge_base_url and not judge_model:
+        raise ValueError(f"judge_base_url={judge_base_url!r} needs judge_model")
+    judge = RefusalJudge()
+    if judge_model:
+        from safeproj.model.loading import cache_dir
+
+        judge = OpenAIJudge(
+            base_url=judge_base_url or OPENAI_BASE_URL,
+            model=judge_model,
+            api_key_env=judge_api_key_env,
+            concurrency=judge_concurrency,
+            cache_path=judge_cache or str(cache_dir() / "judge_cache.sqlite"),
+        )
+    net, tokenizer = load_for_eval(model, device=device)
+
+    results: dict[str, dict[str, float]] = {}
+    rows: dict[str, list[dict]] = {}
+    if utility:
+        metrics, rows["utility"] = evaluate_gsm8k(
+            net, tokenizer, utility_dataset, num_samples, n_shot=n_shot,
+            max_new_tokens=utility_max_new_tokens, batch_size=batch_size, seed=seed,
+        )
+        results["utility"] = {**utility_report(rows["utility"], seed=seed), **metrics}
+    if harm:
+        metrics, rows["harm"] = evaluate_harm(
+            net, tokenizer, judge, harm_dataset, num_samples,
+            max_new_tokens=harm_max_new_tokens, batch_size=batch_size, seed=seed,
+        )
+        results["harm"] = {**harm_report(rows["harm"], seed=seed), **metrics}
+
+    print(format_table(results))
+    payload = {
+        "model": model,
+        "judge": repr(judge),
+        "settings": {
+            "utility_dataset": utility_dataset, "harm_dataset": harm_dataset, "num_samples": num_samples,
+            "n_shot": n_shot, "utility_max_new_tokens": utility_max_new_tokens,
+            "harm_max_new_tokens": harm_max_new_tokens, "seed": seed,
+        },
+        "metrics": results,
+        "rows": rows,
+    }
+    if out:
+        write_json(out, payload)
+    return payload
