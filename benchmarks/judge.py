@@ -47,8 +47,8 @@ def serve(port_queue, latency: float) -> None:
             self.end_headers()
             self.wfile.write(data)
 
-        def do_GET(self):  # /stats: how many completions were served
-            self._send({"requests": count.value})
+        def do_GET(self):  # /stats: completions served and this process's CPU seconds
+            self._send({"requests": count.value, "cpu_s": time.process_time()})
 
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
@@ -61,15 +61,18 @@ def serve(port_queue, latency: float) -> None:
                 "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
             })
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 256  # the default backlog of 5 resets bursts of new connections
+        daemon_threads = True
+
+    httpd = Server(("127.0.0.1", 0), Handler)
     port_queue.put(httpd.server_address[1])
     httpd.serve_forever(poll_interval=0.05)
 
 
-def served(base: str) -> int:
+def server_stats(base: str) -> dict:
     with urllib.request.urlopen(base.replace("/v1", "/stats")) as r:
-        return json.load(r)["requests"]
+        return json.load(r)
 
 
 def timed_judge(base: str, pairs, concurrency: int, cache: str | None) -> float:
@@ -102,11 +105,15 @@ def main() -> None:
         timed_judge(base, [("warm-up", "x")], 1, None)  # SDK import and first connection
         with tempfile.TemporaryDirectory() as tmp:
             cache = str(Path(tmp) / "judge.sqlite")
+            server_before = server_stats(base)
+            client_cpu = time.process_time()
             concurrent_s = timed_judge(base, pairs, args.concurrency, cache)
+            client_cpu = time.process_time() - client_cpu
+            server_cpu = server_stats(base)["cpu_s"] - server_before["cpu_s"]
             sequential_s = timed_judge(base, seq_pairs, 1, None)
-            before = served(base)
+            before = server_stats(base)["requests"]
             cached_s = timed_judge(base, pairs, args.concurrency, cache)
-            cached_requests = served(base) - before
+            cached_requests = server_stats(base)["requests"] - before
     finally:
         server.terminate()
         server.join()
@@ -122,6 +129,9 @@ def main() -> None:
         "sequential_subset_s": round(sequential_s, 3),
         "sequential_est_s": round(sequential_est, 3),
         "speedup": round(speedup, 2),
+        "concurrent_client_cpu_ms_per_request": round(1000 * client_cpu / args.n, 2),
+        "concurrent_server_cpu_ms_per_request": round(1000 * server_cpu / args.n, 2),
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "cached_rerun_s": round(cached_s, 4),
         "cached_rerun_server_requests": cached_requests,
         "ideal_speedup": args.concurrency,

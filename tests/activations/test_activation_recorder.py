@@ -213,19 +213,25 @@ def test_load_prompt_set_files(prompt_files, tmp_path):
     assert load_prompt_set(f"{path}#text", 5) == ["x", "y"]
     with pytest.raises(ValueError, match="no field missing"):
         load_prompt_set(f"{path}#missing", 5)
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match="not found"):
         load_prompt_set(str(tmp_path / "nope.jsonl"), 5)
     with pytest.raises(ValueError, match="unknown prompt set"):
         load_prompt_set("nonsense", 5)
-    with pytest.raises(ValueError, match="unknown built-in"):
+    with pytest.raises(ValueError, match="unknown built-in prompt set 'builtin:funny-test'"):
         load_prompt_set("builtin:funny-test", 5)
 
 
 def test_builtin_prompt_sets():
+    from safeproj.data import synthetic
+
     harmful = load_prompt_set("builtin:harmful-test", 6, seed=0)
     useful = load_prompt_set("builtin:useful-test", 6, seed=0)
-    assert len(harmful) == len(useful) == 6 and all(isinstance(p, str) and p for p in harmful + useful)
-    assert harmful == load_prompt_set("builtin:harmful-test", 6, seed=0)
+    assert harmful == [r["prompt"] for r in synthetic.harmful_requests(6, 0, split="test")]
+    assert useful == [r["prompt"] for r in synthetic.arithmetic(6, 0, split="test")]
+    assert load_prompt_set("builtin:harmful-test", 6, seed=1) != harmful
+    # a request beyond a finite generator's size gives all it has rather than failing
+    capacity = synthetic.builtin_capacity("builtin:harmful-test")
+    assert len(load_prompt_set("builtin:harmful-test", capacity + 5)) == capacity
 
 
 # ------------------------------------------------------------------ callback arguments and setup

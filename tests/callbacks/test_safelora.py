@@ -24,6 +24,15 @@ from safeproj.callbacks.subspace import model_weights
 from safeproj.core.deltas import select_names
 from safeproj.model.loading import load_model
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Small LAPACK calls spin for many milliseconds per call with two threads on a loaded 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -90,7 +90,8 @@ def test_checkpoint_delta_streams_tensor_by_tensor(checkpoints, states, monkeypa
     tuned_dir, base_file = checkpoints
     base, tuned = states
     source = CheckpointDelta(tuned_dir, base_file)
-    assert source.names() == select_names(tuned)
+    assert sorted(source.names()) == sorted(select_names(tuned))
+    assert source.names()[:7] == [n for n in source.names() if ".layers.0." in n]  # layer order
     reads = []
     original = _Safetensors.read
     monkeypatch.setattr(_Safetensors, "read", lambda self, name: reads.append(name) or original(self, name))
@@ -172,11 +173,17 @@ def test_tensor_delta(states):
         source.get("nope")
 
 
-def make_adapter(path, seed=0, **lora_kwargs):
+def make_adapter(path, seed=0, biased=False, **lora_kwargs):
     """Save a PEFT adapter with non-zero B on the tiny model; return (base state, merged state)."""
     from peft import LoraConfig, get_peft_model
 
     model, _ = tiny_model(seed=seed)
+    if biased:  # projections with biases, for lora_bias
+        from transformers import LlamaForCausalLM
+
+        model.config.attention_bias = model.config.mlp_bias = True
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(model.config)
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))
     gen = torch.Generator().manual_seed(seed + 1)
@@ -200,9 +207,10 @@ def make_adapter(path, seed=0, **lora_kwargs):
             "rank_pattern": {"v_proj": 2},
             "alpha_pattern": {"layers.1.self_attn.q_proj": 3},
         },
-        {"r": 4, "lora_alpha": 6, "target_modules": ["o_proj", "gate_proj"], "use_rslora": True, "lora_bias": True},
+        {"r": 4, "lora_alpha": 6, "target_modules": ["o_proj", "gate_proj"], "use_rslora": True},
+        {"r": 2, "lora_alpha": 4, "target_modules": ["o_proj", "up_proj"], "lora_bias": True, "biased": True},
     ],
-    ids=["plain", "patterns", "rslora-bias"],
+    ids=["plain", "patterns", "rslora", "bias"],
 )
 def test_lora_delta_matches_merged_weights(tmp_path, lora_kwargs):
     base, merged = make_adapter(tmp_path, **lora_kwargs)

@@ -5,6 +5,7 @@ What the server does with a request is written into the judged response text as 
   [[delay=S]]        wait S seconds before answering
   [[429xK]]          the first K attempts get HTTP 429 (with Retry-After from [[retry_after=S]])
   [[500xK]]          the first K attempts get HTTP 500
+  [[400xK]]          the first K attempts get HTTP 400 (not retryable)
   [[timeoutxK]]      the first K attempts hang for `hang` seconds (past the client's timeout)
   [[malformed]]      every answer lacks "#thescore"
   [[malformed_once]] the first answer lacks "#thescore", the format-reminder answer is valid
@@ -43,6 +44,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.owner.handle(self)
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the default backlog of 5 resets bursts of new connections
+    daemon_threads = True
+
+
 class LoopbackJudgeServer:
     """Start with `start()` (or as a context manager); `base_url` ends in /v1."""
 
@@ -63,8 +69,7 @@ class LoopbackJudgeServer:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> LoopbackJudgeServer:
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server(("127.0.0.1", 0), _Handler)
         self.httpd.owner = self
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
         return self
@@ -124,6 +129,8 @@ class LoopbackJudgeServer:
         if attempt <= d.get("429", 0):
             headers = {"Retry-After": str(d["retry_after"])} if "retry_after" in d else {}
             return self._send(h, 429, {"error": {"message": "rate limited", "type": "rate_limit"}}, headers)
+        if attempt <= d.get("400", 0):
+            return self._send(h, 400, {"error": {"message": "context too long", "type": "invalid_request_error"}})
         if attempt <= d.get("500", 0):
             return self._send(h, 500, {"error": {"message": "boom", "type": "server_error"}})
         if "delay" in d:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 import pytest
 import yaml
 from lightning.pytorch import LightningModule, Trainer
@@ -62,6 +63,10 @@ class RecordingWandb(WandbLogger):
     @property
     def version(self):
         return "offline"
+
+    @property
+    def experiment(self):  # the Trainer touches it in setup; no W&B run may start
+        return None
 
 
 def fit(callbacks, loggers, epochs=2):

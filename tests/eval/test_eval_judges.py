@@ -164,6 +164,13 @@ def test_spent_retries_give_nan_that_is_retried_later(judge_server, api_key, tmp
     assert judge_server.requests - before == 6  # two failed pairs, 3 attempts each; "ok" cached
 
 
+def test_client_error_is_not_retried(judge_server, api_key):
+    judged = make_judge(judge_server, api_key).judge([("too long", "[[400x9]]"), ("fine", "[[score=4]]")])
+    assert math.isnan(judged[0].score) and judged[0].failure == "request" and "400" in judged[0].reason
+    assert judged[1].score == 4.0
+    assert judge_server.requests == 2  # one attempt each
+
+
 def test_concurrency_limit_holds(judge_server, api_key):
     pairs = [(f"p{i}", f"r{i} [[delay=0.05]]") for i in range(24)]
     judged = make_judge(judge_server, api_key, concurrency=4).judge(pairs)

@@ -18,7 +18,6 @@ output after the final norm instead.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -44,8 +43,6 @@ STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Band of depth (as a share of the layer stack) where the paper looked at activations.
 DEFAULT_BAND = (0.65, 0.90)
 DEFAULT_PROMPT_SETS = {"harmful": "builtin:harmful-test", "useful": "builtin:useful-test"}
-BUILTIN_SETS = ("useful", "harmful")
-PROMPT_FIELDS = ("prompt", "instruction", "goal")
 SHARD_FORMAT = "safeproj.activations/1"
 MANIFEST = "manifest.json"
 _SET_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -105,73 +102,45 @@ def resolve_layers(layers: Sequence[int | float] | None, depth: int) -> list[int
 
 
 def load_prompt_set(spec: str, num_prompts: int, seed: int = 0) -> list[str]:
-    """The first `num_prompts` prompts of a prompt-set spec.
+    """The first `num_prompts` prompts of a prompt-set spec (fewer if the set is smaller).
 
-    Specs: `builtin:useful-test`, `builtin:harmful-test` (also `-train`) from the generated corpus;
-    a local `.json`/`.jsonl`/`.csv` file; or a Hugging Face dataset name `org/name[@split]`. A
-    `#field` suffix names the column, else the first of prompt / instruction / goal is used.
+    Specs: a built-in generated set (`builtin:harmful-test`, `builtin:useful-test`, or any name in
+    `safeproj.data.synthetic.BUILTIN`); a local `.json`/`.jsonl`/`.csv` file; or a Hugging Face
+    dataset `org/name[@split]` (split defaults to train). A `#field` suffix names the column, else
+    the first present of prompt / instruction / question / query / goal is used.
     """
-    if num_prompts < 1:
-        raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+    from safeproj.data import sources, synthetic
+
+    if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
+        raise ValueError(f"num_prompts must be an integer >= 1, got {num_prompts!r}")
     if spec.startswith("builtin:"):
-        return _builtin_prompts(spec, num_prompts, seed)
+        if spec not in synthetic.BUILTIN:
+            raise ValueError(f"unknown built-in prompt set {spec!r}; known: {', '.join(sorted(synthetic.BUILTIN))}")
+        capacity = synthetic.builtin_capacity(spec)
+        n = num_prompts if capacity is None else min(num_prompts, capacity)
+        return [str(r["prompt"]) for r in synthetic.BUILTIN[spec](n, seed)]
     source, _, field = spec.partition("#")
-    path = Path(source).expanduser()
-    if path.suffix.lower() in (".json", ".jsonl", ".csv") or path.exists():
-        if not path.is_file():
-            raise ValueError(f"prompt set file {str(path)!r} does not exist")
-        records = _read_records(path)
+    if sources._is_local(source):
+        records = sources._read_local(source)
+        columns = list(dict.fromkeys(key for row in records for key in row))
     elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        records = _hf_records(source, num_prompts)
+        name, _, split = source.partition("@")
+        table = sources._load_hub(name, None, split or "train")
+        columns = list(table.column_names)
+        records = table.select(range(min(num_prompts, len(table)))).to_list()
     else:
         raise ValueError(
-            f"unknown prompt set {spec!r}: use builtin:{{useful,harmful}}-{{test,train}}, "
+            f"unknown prompt set {spec!r}: use builtin:harmful-test / builtin:useful-test, "
             "a .json/.jsonl/.csv file, or a Hugging Face dataset name 'org/name[@split][#field]'"
         )
-    records = records[:num_prompts]
     if not records:
         return []
-    key = field or next((f for f in PROMPT_FIELDS if f in records[0]), None)
-    if key is None or key not in records[0]:
-        have = sorted(records[0])
-        want = field or " | ".join(PROMPT_FIELDS)
-        raise ValueError(f"prompt set {spec!r} has no field {want}; fields are {have}")
-    return [str(r[key]) for r in records]
-
-
-def _builtin_prompts(spec: str, num_prompts: int, seed: int) -> list[str]:
-    from safeproj.data import synthetic
-
-    name = spec.split(":", 1)[1]
-    kind, _, split = name.partition("-")
-    if kind not in BUILTIN_SETS or split not in ("test", "train"):
-        allowed = ", ".join(f"builtin:{k}-{s}" for k in BUILTIN_SETS for s in ("test", "train"))
-        raise ValueError(f"unknown built-in prompt set {spec!r}; allowed: {allowed}")
-    make = synthetic.arithmetic if kind == "useful" else synthetic.harmful_requests
-    return [str(r["prompt"]) for r in make(num_prompts, seed, split=split)][:num_prompts]
-
-
-def _read_records(path: Path) -> list[dict]:
-    suffix = path.suffix.lower()
-    with open(path, newline="" if suffix == ".csv" else None, encoding="utf-8") as handle:
-        if suffix == ".csv":
-            return list(csv.DictReader(handle))
-        if suffix == ".jsonl":
-            return [json.loads(line) for line in handle if line.strip()]
-        data = json.load(handle)
-    if isinstance(data, dict):  # {"data": [...]} style files
-        data = next((v for v in data.values() if isinstance(v, list)), [])
-    if not isinstance(data, list) or (data and not isinstance(data[0], dict)):
-        raise ValueError(f"prompt set file {str(path)!r} must hold a list of records")
-    return data
-
-
-def _hf_records(source: str, num_prompts: int) -> list[dict]:
-    import datasets
-
-    name, _, split = source.partition("@")
-    dataset = datasets.load_dataset(name, split=split or "train")
-    return [dataset[i] for i in range(min(num_prompts, len(dataset)))]
+    key = field or next((f for f in sources.PROMPT_FIELDS if f in columns), None)
+    if key is None or key not in columns:
+        want = field or " | ".join(sources.PROMPT_FIELDS)
+        raise ValueError(f"prompt set {spec!r} has no field {want}; fields are {', '.join(columns)}")
+    prompts = [str(r[key]) for r in records if r.get(key) is not None and str(r[key]).strip()]
+    return prompts[:num_prompts]
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,9 +157,13 @@ class EncodedPrompt:
 
 def generation_suffix(tokenizer, prompt: str) -> str:
     """The text the chat template appends for the assistant turn (its generation prompt)."""
+    from safeproj.model.loading import CHAT_TEMPLATE
+
     messages = [{"role": "user", "content": prompt}]
-    with_turn = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    without = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    # The same template choice as safeproj.data.templates.format_prompt.
+    template = None if getattr(tokenizer, "chat_template", None) else CHAT_TEMPLATE
+    with_turn = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    without = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=False)
     if not with_turn.startswith(without) or len(with_turn) == len(without):
         raise ValueError("position='assistant' needs a chat template that appends a generation prompt")
     return with_turn[len(without) :]
@@ -206,7 +179,8 @@ def encode_prompts(tokenizer, prompts: Sequence[str], position: str) -> list[Enc
     for prompt in prompts:
         text = format_prompt(tokenizer, prompt)
         # The chat template already holds any special tokens the model expects.
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=position == "assistant")
+        offsets = position == "assistant" and bool(getattr(tokenizer, "is_fast", False))
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets)
         ids = tuple(int(i) for i in enc["input_ids"])
         if not ids:
             raise ValueError(f"prompt {prompt[:40]!r} encodes to no tokens")
@@ -381,7 +355,7 @@ class ShardWriter:
             self._ids.extend(int(i) for i in prompt_ids[start : start + take])
             self.max_buffered = max(self.max_buffered, self.buffered)
             start += take
-            if False:
+            if self.buffered >= self.shard_size:
                 self.flush()
 
     def flush(self) -> None:

@@ -9,7 +9,6 @@ prompts and the summed metric states are synced.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -66,15 +65,6 @@ def _gather_rows(rows: list[dict], world_size: int) -> list[dict]:
     for i in range(max(len(p) for p in parts)):
         ordered += [p[i] for p in parts if i < len(p)]
     return ordered
-
-
-def _cell(value: Any) -> Any:
-    """A table cell W&B accepts: plain scalars and strings, None for missing."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return None if math.isnan(value) else value
-    return str(value)
 
 
 class _GenerationEval(Callback):
@@ -141,15 +131,10 @@ class _GenerationEval(Callback):
         return {f"{self.prefix}/{k}": float(v) for k, v in metrics.items()}
 
     def _log_samples(self, trainer: Trainer) -> None:
-        if not (self.log_table and self.last_rows and trainer.is_global_zero):
-            return
-        from lightning.pytorch.loggers import WandbLogger
+        if self.log_table and self.last_rows:
+            from safeproj.wandb import log_table
 
-        columns = list(self.last_rows[0])
-        data = [[_cell(row.get(c)) for c in columns] for row in self.last_rows]
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_table(key=f"{self.prefix}/samples", columns=columns, data=data, step=trainer.global_step)
+            log_table(trainer.loggers, f"{self.prefix}/samples", self.last_rows, step=trainer.global_step)
 
     # ---------------------------------------------------------------- state
 

@@ -12,7 +12,8 @@ the update as well as rotating it (by σ₁²/‖V‖_F at most, which can be fa
 unaffected (cosine similarity ignores scale), the rewritten weights are not. `variant="orthonormal"`
 replaces C by the orthogonal projector U_k U_kᵀ onto the top-k left singular vectors of V (k from
 `frac` or `eta`, the convention used everywhere in safeproj), which is idempotent and never
-lengthens the update.
+lengthens the update. A rank fraction larger than rank(V)/min(m, n) makes it keep directions of V's
+null space, which are arbitrary; `eta` never does (directions below float32 noise hold no energy).
 
 A layer's update ΔW is replaced by C·ΔW when the cosine similarity ⟨ΔW, C·ΔW⟩_F / (‖ΔW‖_F‖C·ΔW‖_F)
 is at or below a threshold τ (SafeLoRA's `cos <= threshold`), or for the N layers of lowest

@@ -22,10 +22,14 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from safeproj import __version__
 from safeproj.core.projector import energy_share
 from safeproj.core.spectrum import (
+    AUTO_METHOD,
+    METHODS,
     SELECTIONS,
     as_matrix,
+    check_fraction,
     energy_spectrum,
     factorize,
     gaussian_factors,
@@ -33,6 +37,7 @@ from safeproj.core.spectrum import (
     k_for_frac,
     orthogonal_complement,
     pick_indices,
+    tensor_seed,
 )
 
 FORMAT = "safeproj.basis"
@@ -230,10 +235,10 @@ def build_basis(
         raise ValueError(f"unknown selection {selection!r}; expected one of {', '.join(SELECTIONS)}")
     if side not in BASIS_SIDES:
         raise ValueError(f"unknown side {side!r}; expected one of {', '.join(BASIS_SIDES)}")
-    if frac is not None:
-        k_for_frac(frac, 1, 1)  # range check before any work
-    else:
-        k_for_energy(torch.ones(1), eta)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    check_fraction("frac" if frac is not None else "eta", frac if frac is not None else eta)
+    tensor_seed(seed, "")  # range check
     left, right = side in ("left", "both"), side in ("right", "both")
 
     entries: dict[str, BasisEntry] = {}
@@ -270,8 +275,6 @@ def build_basis(
 
     if not entries:
         raise ValueError("the delta source yielded no tensors")
-    from safeproj import __version__
-
     meta = {
         "safeproj_version": __version__,
         "side": side,
@@ -279,7 +282,7 @@ def build_basis(
         "frac": frac,
         "eta": eta,
         "seed": seed,
-        "method": method,
+        "method": AUTO_METHOD if method == "auto" else method,
         "source": source.describe() if hasattr(source, "describe") else {"kind": type(source).__name__},
         "tensors": per_tensor,
         "bytes_ratio": _bytes_ratio(entries),

@@ -5,7 +5,8 @@ whole model delta never sits in memory. Tensor names are the plain Hugging Face 
 (`model.layers.0.self_attn.q_proj.weight`). By default only the attention and MLP projection
 matrices of the decoder blocks are selected; embeddings, lm_head, norms and biases are opt-in
 through `include`. Downstream, a 1-D tensor of length m is treated as the m×1 matrix (its
-subspace is the span of the vector).
+subspace is the span of the vector). Deltas keep the stored layout: GPT-2's Conv1D weights are
+(in, out), so their "left" side is the input space.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def select_names(
     inc = _patterns(DEFAULT_INCLUDE if include is None else include, "include")
     exc = _patterns(exclude, "exclude")
     return [n for n in names if any(p.search(n) for p in inc) and not any(p.search(n) for p in exc)]
+
+
+def natural_key(name: str) -> list:
+    """Sort key putting layer 2 before layer 10 (safetensors headers list names alphabetically)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def sha256_file(path: str | Path) -> str:
@@ -187,7 +193,7 @@ class CheckpointDelta(DeltaSource):
     def __init__(self, tuned: str | Path, base: str | Path, include=None, exclude=None):
         super().__init__()
         self.tuned, self.base = _Safetensors(tuned), _Safetensors(base)
-        union = list(dict.fromkeys(list(self.tuned.shapes) + list(self.base.shapes)))
+        union = sorted(set(self.tuned.shapes) | set(self.base.shapes), key=natural_key)
         self._names = self._select(union, include, exclude, f"{tuned} and {base}")
         self._stored: dict[str, tuple[str, str]] = {}
         for name in self._names:
@@ -308,7 +314,7 @@ class LoraDelta(DeltaSource):
             if "lora_B.bias" in parts:
                 candidates[f"{module}.bias"] = parts["lora_B.bias"][1]
                 self._factors[f"{module}.bias"] = ("bias", keys, scaling)
-        self._names = self._select(candidates, include, exclude, str(self.adapter))
+        self._names = self._select(sorted(candidates, key=natural_key), include, exclude, str(self.adapter))
         self._shapes = {n: candidates[n] for n in self._names}
 
     def _compute(self, name: str) -> Tensor:

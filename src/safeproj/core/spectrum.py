@@ -24,6 +24,7 @@ from torch import Tensor
 
 SIDES = ("left", "right")
 METHODS = ("auto", "svd", "gram")
+AUTO_METHOD = "gram"  # as fast or faster than the SVD on every measured shape, and more accurate
 SELECTIONS = ("top", "random-k", "random")
 FP32_EPS = torch.finfo(torch.float32).eps
 
@@ -89,8 +90,11 @@ def _gram_factors(M: Tensor, left: bool, right: bool) -> tuple[Tensor | None, Te
     else:
         V = direct if right else None
         U = _recover(A, direct, S) if left else None
-    cast = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
-    return cast(U), S.float(), cast(V)
+    return _fp32(U), S.float(), _fp32(V)
+
+
+def _fp32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.float().contiguous()
 
 
 def factorize(
@@ -101,7 +105,7 @@ def factorize(
     M = as_matrix(delta)
     if not torch.isfinite(M).all():
         raise ValueError("delta contains NaN or inf")
-    if method == "svd":
+    if (AUTO_METHOD if method == "auto" else method) == "svd":
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
         return (U.contiguous() if left else None), S, (Vh.T.contiguous() if right else None)
     return _gram_factors(M, left, right)
@@ -126,10 +130,15 @@ def energy_spectrum(delta: Tensor) -> Tensor:
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt().float()
 
 
+def check_fraction(what: str, value: float) -> None:
+    """ValueError unless `value` is a number in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{what} must be in (0, 1], got {value!r}")
+
+
 def k_for_frac(frac: float, m: int, n: int) -> int:
     """k = round(frac·min(m, n)) (halves round up), at least 1."""
-    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
-        raise ValueError(f"frac must be in (0, 1], got {frac!r}")
+    check_fraction("frac", frac)
     if m < 1 or n < 1:
         raise ValueError(f"matrix shape must be positive, got {m}×{n}")
     return max(1, math.floor(frac * min(m, n) + 0.5))
@@ -142,8 +151,7 @@ def k_for_energy(S: Tensor, eta: float, rtol: float | None = None) -> int:
     len(S)·eps(float32), the float32 numerical-rank threshold), so η = 1 gives the numerical rank
     of a rank-deficient delta instead of all r directions.
     """
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 < eta <= 1:
-        raise ValueError(f"eta must be in (0, 1], got {eta!r}")
+    check_fraction("eta", eta)
     if S.ndim != 1 or S.numel() == 0:
         raise ValueError(f"expected a non-empty 1-D spectrum, got shape {tuple(S.shape)}")
     s = S.detach().double().cpu().sort(descending=True).values

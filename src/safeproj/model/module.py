@@ -93,6 +93,8 @@ class SafeprojLM(L.LightningModule):
                 task_type="CAUSAL_LM",
             )
             self.model = get_peft_model(self.model, config)
+        # from_pretrained returns eval mode, and Lightning keeps submodules' modes: dropout would stay off.
+        self.model.train()
         self.checkpoint_path: str | None = None
 
     @property

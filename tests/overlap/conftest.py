@@ -1,0 +1,19 @@
+"""Fixtures of the overlap tests."""
+
+from __future__ import annotations
+
+import pytest
+from overlap_helpers import gaussian, llama_shapes, write_checkpoint
+
+
+@pytest.fixture
+def checkpoint_pair(tmp_path):
+    """Specs of two deltas `A,BASE` and `B,BASE` over two Llama-shaped layers (random updates)."""
+    shapes = llama_shapes()
+    base = gaussian(shapes, seed=0, scale=0.02)
+    tuned = {}
+    for label, seed in (("a", 1), ("b", 2)):
+        update = gaussian(shapes, seed=seed, scale=1e-2)
+        tuned[label] = write_checkpoint(tmp_path / label, {n: base[n] + update[n] for n in shapes})
+    base_dir = write_checkpoint(tmp_path / "base", base)
+    return f"{tuned['a']},{base_dir}", f"{tuned['b']},{base_dir}"
