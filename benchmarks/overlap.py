@@ -8,7 +8,10 @@ For weight shapes of 1-7B models, times on one machine in one run (so ratios are
 - gram64_vectors: `side_spectrum(Δ, method="gram")`, the vectors of the smaller side (what "auto" does)
 and the largest relative error of each energy curve c_k = Σ_{i<k} σ_i² / Σ σ_i² against the SVD's.
 Test matrices have a decaying spectrum like a fine-tuning delta (Gaussian with columns scaled by
-j^-0.6). Usage: python benchmarks/overlap.py [--out PATH] [--shapes 2048x2048 4096x11008] [--repeats N]
+j^-0.6). svdvals is skipped above 4096×4096, where it costs about as much as the SVD, to keep the
+default run near 3 minutes on 2 cores. On a machine shared with other jobs, `--threads 1` avoids
+thread-pool stalls that distort the timings.
+Usage: python benchmarks/overlap.py [--out PATH] [--shapes 2048x2048 4096x11008] [--repeats N] [--threads N]
 """
 
 from __future__ import annotations
@@ -67,13 +70,17 @@ def run_shape(m: int, n: int, repeats: int) -> dict:
         "gram64_vals": lambda: gram_vals(M, torch.float64),
         "gram64_vectors": lambda: side_spectrum(M, "left" if m <= n else "right", method="gram")[1],
     }
+    if m * n > BIG:
+        del methods["svdvals"]
     seconds, spectra = {}, {}
     for key, fn in methods.items():
         seconds[key], spectra[key] = timed(fn, reps)
         print(f"  {m}x{n} {key}: {seconds[key]:.2f} s", file=sys.stderr, flush=True)
     reference = energy_curve(spectra["svd"])
     errors = {
-        key: float(((energy_curve(S) - reference).abs() / reference).max()) for key, S in spectra.items() if key != "svd"
+        key: float(((energy_curve(S) - reference).abs() / reference).max())
+        for key, S in spectra.items()
+        if key != "svd"
     }
     return {
         "shape": [m, n],
@@ -89,17 +96,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "overlap.json"))
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="MxN shapes")
     parser.add_argument("--repeats", type=int, default=3, help="repeats for shapes below 4096x4096 (best is kept)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes]
 
     torch.linalg.svd(torch.randn(64, 64))  # load LAPACK before timing
     torch.linalg.eigh(torch.randn(64, 64, dtype=torch.float64))
+    load = os.getloadavg()
     start = time.perf_counter()
     rows = [run_shape(m, n, args.repeats) for m, n in shapes]
     result = {
         "benchmark": "spectrum for k(eta): SVD vs Gram eigenvalues",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "load_average_at_start": load,
         "machine": platform.machine(),
         "processor": platform.processor(),
         "total_seconds": time.perf_counter() - start,

@@ -21,6 +21,7 @@ from safeproj.analysis.activations import (
     recorded_steps,
     subspace_share,
     summary_table,
+    weight_alignment,
     write_report,
 )
 from safeproj.callbacks.activation_recorder import encode_prompts, record_step
@@ -206,3 +207,48 @@ def test_write_report_files(two_steps, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
     table = summary_table(report)
     assert len(table.splitlines()) == 1 + len(report["layers"]) and "probe" in table
+
+
+def _basis_with_known_range(frac, d=64, seed=0):
+    """A basis for layer 1 whose o_proj / down_proj left factors have a known range."""
+    from safeproj.core.basis import build_basis
+
+    gen = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(d, d, generator=gen))
+    s = torch.linspace(10.0, 1.0, d)
+    deltas = {
+        "model.layers.1.self_attn.o_proj.weight": u @ torch.diag(s) @ torch.linalg.qr(torch.randn(d, d, generator=gen))[0].T,
+        "model.layers.1.mlp.down_proj.weight": u @ torch.diag(s) @ torch.linalg.qr(torch.randn(160, d, generator=gen))[0].T,
+        "model.layers.0.self_attn.o_proj.weight": torch.randn(d, d, generator=gen),
+    }
+    return build_basis(iter(deltas.items()), frac=frac, side="left", progress=False), u
+
+
+@pytest.mark.parametrize("frac", [0.25, 0.75])  # 0.75 stores the complement
+def test_weight_alignment_with_a_real_basis(frac):
+    basis, u = _basis_with_known_range(frac)
+    k = round(frac * 64)
+    assert basis.entries["model.layers.1.self_attn.o_proj.weight"].left.complement == (frac > 0.5)
+    inside = weight_alignment(u[:, 0] * 3.0, basis, layer=1)
+    assert inside["cos_o_proj"] == pytest.approx(1.0, abs=1e-4)
+    assert inside["cos_down_proj"] == pytest.approx(1.0, abs=1e-4)
+    assert inside["random_o_proj"] == pytest.approx(math.sqrt(k / 64)) and inside["k_o_proj"] == k
+    outside = weight_alignment(u[:, -1], basis, layer=1)
+    # a stored complement gives sqrt(1 − ‖Q⊥ᵀd‖²): fp32 round-off near 0 becomes ~sqrt(eps)
+    assert outside["cos_o_proj"] == pytest.approx(0.0, abs=1e-4 if frac < 0.5 else 2e-3)
+    mixed = weight_alignment(u[:, 0] + u[:, -1], basis, layer=1)
+    assert mixed["cos_o_proj"] == pytest.approx(1 / math.sqrt(2), abs=1e-4)
+    # layer 0 has only o_proj in the basis; layer 3 has nothing
+    assert set(weight_alignment(u[:, 0], basis, layer=0)) == {"cos_o_proj", "random_o_proj", "k_o_proj"}
+    assert weight_alignment(u[:, 0], basis, layer=3) == {}
+    with pytest.raises(ValueError, match="acts on size 64, activations have size 10"):
+        weight_alignment(torch.ones(10), basis, layer=1)
+
+
+def test_analyse_recordings_with_a_basis(two_steps):
+    basis, _ = _basis_with_known_range(0.25)
+    report = analyse_recordings(two_steps, etas=(0.5,), basis=basis)
+    by_layer = {(r["step"], r["layer"]): r for r in report["layers"]}
+    assert 0.0 <= by_layer[(0, 1)]["cos_o_proj"] <= 1.0 and "cos_o_proj" not in by_layer[(0, 3)]
+    assert {"cos_o_proj", "cos_down_proj"} <= {r["metric"] for r in report["changes"] if r["layer"] == 1}
+    assert "cos_o_proj" in summary_table(report)

@@ -310,3 +310,25 @@ def test_state_dict_round_trip():
     b = ActivationRecorder()
     b.load_state_dict(a.state_dict())
     assert b.recorded_steps == [0, 5] and rec.ActivationRecorder().state_key == a.state_key
+
+
+def test_peft_wrapped_model_is_recorded_through_its_adapters(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = tiny_model(seed=4, layers=3)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", "down_proj"]))
+    with torch.no_grad():  # B starts at zero; make the adapters change the output
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    assert len(decoder_layers(peft_model)) == 3
+    encoded = {"s": encode_prompts(tok, PROMPTS[:3], "last")}
+    record_step(peft_model, encoded, [1], tmp_path, 0, position="last", pad_id=0, progress=False)
+    rows, _ = load_activations(tmp_path, 0, "s", 1)
+    with torch.no_grad():
+        for i, e in enumerate(encoded["s"]):
+            with_lora = peft_model(input_ids=torch.tensor([e.ids]), output_hidden_states=True).hidden_states[2][0, -1]
+            torch.testing.assert_close(rows[i], with_lora, atol=2e-5, rtol=1e-4)
+            with peft_model.disable_adapter():
+                without = peft_model(input_ids=torch.tensor([e.ids]), output_hidden_states=True).hidden_states[2][0, -1]
+            assert not torch.allclose(rows[i], without, atol=1e-3)

@@ -154,7 +154,7 @@ def test_unprojected_run_logs_the_share_of_its_update(tmp_path, basis_file, monk
     logger = Capture()
     callback = SubspaceDrift(basis_file, every_n_steps=2)
     # 2 batches per optimizer step: the hook sees every micro-batch but must measure once per step.
-    fit(module, [callback], tmp_path, steps=5, logger=logger, accumulate=2)
+    trainer = fit(module, [callback], tmp_path, steps=5, logger=logger, accumulate=2)
     basis = Basis.load(basis_file)
 
     assert sorted({r["step"] for r in callback.history}) == [2, 4, 5]  # every 2 steps, and at train end
@@ -173,6 +173,9 @@ def test_unprojected_run_logs_the_share_of_its_update(tmp_path, basis_file, monk
     assert steps == [2, 4, 5]
     last = next(m for step, m in logger.logged if step == 5 and "drift/overall" in m)
     assert math.isclose(last["drift/overall"], pooled, rel_tol=1e-4)
+    # Also in callback metrics (monitors, progress bar), from the last in-training measurement.
+    step4 = next(m for step, m in logger.logged if step == 4 and "drift/overall" in m)
+    assert math.isclose(float(trainer.callback_metrics["drift/overall"]), step4["drift/overall"], rel_tol=1e-6)
     layer0 = [v for n, v in per.items() if ".layers.0." in n]
     assert math.isclose(last["drift/layer_0"], sum(layer0) / len(layer0), rel_tol=1e-4)
     energies = {n: float((end[n] - start[n]).double().square().sum()) for n in per}

@@ -29,7 +29,9 @@ def source():
     shapes = {Q_NAME: (24, 24), UP_NAME: (40, 24), DOWN_NAME: (24, 40)}
     start = {n: randn(*s, seed=i) for i, (n, s) in enumerate(shapes.items())}
     # Decaying column scales give the deltas a spread-out spectrum.
-    end = {n: start[n] + randn(*s, seed=10 + i) * torch.linspace(1, 0.05, s[1]) for i, (n, s) in enumerate(shapes.items())}
+    end = {
+        n: start[n] + randn(*s, seed=10 + i) * torch.linspace(1, 0.05, s[1]) for i, (n, s) in enumerate(shapes.items())
+    }
     return TensorDelta(end, start)
 
 
@@ -220,6 +222,21 @@ def test_build_basis_argument_errors(source):
         build_basis(source, frac=0.5, selection="bottom", progress=False)
     with pytest.raises(ValueError, match="side 'up'.*left, right, both"):
         build_basis(source, frac=0.5, side="up", progress=False)
+    with pytest.raises(ValueError, match="method 'qr'.*auto, svd, gram"):
+        build_basis(source, frac=0.5, method="qr", progress=False)
+    with pytest.raises(ValueError, match="seed must be"):
+        build_basis(source, frac=0.5, seed=-1, progress=False)
+
+
+def test_svd_and_gram_build_the_same_basis(source):
+    a = build_basis(source, frac=0.25, side="both", method="svd", progress=False)
+    b = build_basis(source, frac=0.25, side="both", method="gram", progress=False)
+    assert a.meta["method"] == "svd" and b.meta["method"] == "gram"
+    for name in source.names():
+        for side in ("left", "right"):
+            qa, qb = getattr(a[name], side).Q, getattr(b[name], side).Q
+            assert (dense(qa) - dense(qb)).abs().max() < 1e-4
+        assert a[name].energy_kept == pytest.approx(b[name].energy_kept, abs=1e-5)
 
 
 def test_zero_delta_is_an_error():

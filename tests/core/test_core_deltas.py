@@ -16,6 +16,12 @@ from safeproj.core.deltas import (
 from safeproj.model.loading import tiny_model
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
+# PEFT and transformers talk about embedding saves, lora_bias shapes and deprecations; not ours.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`"),
+    pytest.mark.filterwarnings("ignore:Adapter 'default'"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
 
 
 def state(seed):
@@ -37,7 +43,10 @@ def checkpoints(tmp_path_factory, states):
     shard = root / "tuned"
     shard.mkdir()
     names = list(tuned)
-    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    halves = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     for file, keys in halves.items():
         save_file({k: tuned[k] for k in keys}, str(shard / file))
     weight_map = {k: file for file, keys in halves.items() for k in keys}
@@ -156,7 +165,8 @@ def test_tied_head_saved_once(tmp_path, states):
     save_file(tied_base, str(tmp_path / "base.safetensors"))
     save_file(tuned, str(tmp_path / "tuned.safetensors"))
     source = CheckpointDelta(tmp_path / "tuned.safetensors", tmp_path / "base.safetensors", include="lm_head")
-    torch.testing.assert_close(source.get("lm_head.weight"), tuned["lm_head.weight"] - base["model.embed_tokens.weight"])
+    expected = tuned["lm_head.weight"] - base["model.embed_tokens.weight"]
+    torch.testing.assert_close(source.get("lm_head.weight"), expected)
 
 
 def test_tensor_delta(states):

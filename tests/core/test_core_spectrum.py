@@ -55,7 +55,8 @@ def test_gram_matches_svd_on_separated_leading_subspaces(shape, side):
         assert (projector(Qg[:, :k]) - projector(Qs[:, :k])).abs().max() < svd_tol
         assert (projector(Qg[:, :k]) - projector(Q64[:, :k])).abs().max() < 2e-6
     # Gram path columns are orthonormal, including recovered ones.
-    torch.testing.assert_close(Qg.T.double() @ Qg.double(), torch.eye(min(m, n), dtype=torch.float64), atol=1e-5, rtol=0)
+    eye = torch.eye(min(m, n), dtype=torch.float64)
+    torch.testing.assert_close(Qg.T.double() @ Qg.double(), eye, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -109,7 +109,10 @@ def test_explicit_field_map_and_other_default_names(tmp_path):
 
 
 def test_alpaca_input_completes_the_instruction(tmp_path):
-    rows = [{"instruction": "Add", "input": "2 and 3", "output": "5"}, {"instruction": "Hi", "input": "", "output": "Hello"}]
+    rows = [
+        {"instruction": "Add", "input": "2 and 3", "output": "5"},
+        {"instruction": "Hi", "input": "", "output": "Hello"},
+    ]
     pairs = load_pairs(SourceSpec(write_json(tmp_path / "alpaca.json", rows)))
     assert pairs == [{"prompt": "Add\n\n2 and 3", "response": "5"}, {"prompt": "Hi", "response": "Hello"}]
 
@@ -140,7 +143,8 @@ def test_local_file_errors_are_one_line(tmp_path):
             load_pairs(spec, n=n)
         assert "\n" not in str(err.value)
     no_fields = write_jsonl(tmp_path / "x.jsonl", [{"a": 1, "b": 2}])
-    with pytest.raises(ValueError, match=r"no prompt field .*\(looked for prompt\|instruction.*available columns: a, b"):
+    no_field = r"no prompt field .*\(looked for prompt\|instruction.*available columns: a, b"
+    with pytest.raises(ValueError, match=no_field):
         load_pairs(SourceSpec(no_fields))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{oops\n')

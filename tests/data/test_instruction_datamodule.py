@@ -53,15 +53,14 @@ def test_largest_remainder_sums_exactly_and_stays_within_one():
 
 
 def test_mixture_counts_are_exact(tiny_tok):
-    dm = make(tiny_tok, num_samples=100, val_fraction=0.1, sources=[
-        SourceSpec("builtin:useful", weight=3), SourceSpec("builtin:harmful", weight=1),
-        SourceSpec("builtin:refusal", weight=1)])  # fmt: skip
+    specs = [SourceSpec("builtin:useful", weight=3), SourceSpec("builtin:harmful"), SourceSpec("builtin:refusal")]
+    dm = make(tiny_tok, num_samples=100, val_fraction=0.1, sources=specs)
     assert dm.mixture_counts() == {"builtin:useful": 60, "builtin:harmful": 20, "builtin:refusal": 20}
     all_examples = dm.train_examples + dm.val_examples
     assert Counter(ex["source"] for ex in all_examples) == dm.mixture_counts()
     assert len(dm.val_examples) == 10
-    assert Counter(ex["source"] for ex in dm.val_examples) == {"builtin:useful": 6, "builtin:harmful": 2,
-                                                              "builtin:refusal": 2}  # fmt: skip
+    val_counts = Counter(ex["source"] for ex in dm.val_examples)
+    assert val_counts == {"builtin:useful": 6, "builtin:harmful": 2, "builtin:refusal": 2}
 
 
 def test_mixed_recipe_is_eighty_twenty(tiny_tok):
@@ -122,8 +121,8 @@ def test_collate_pads_right_with_masks_and_ignored_labels(tiny_tok):
 
 
 def test_pad_batch_left_for_generation():
-    batch = pad_batch([{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1]}, {"input_ids": [8], "attention_mask": [1]}],
-                      pad_id=0, side="left")  # fmt: skip
+    features = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1]}, {"input_ids": [8], "attention_mask": [1]}]
+    batch = pad_batch(features, pad_id=0, side="left")
     assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     assert "labels" not in batch
@@ -243,5 +242,5 @@ def test_fit_takes_the_tokenizer_from_the_module(tmp_path):
     trainer.fit(module, datamodule=dm)
     assert len(module.losses) == 3 and all(torch.isfinite(torch.tensor(module.losses)))
     assert len(dm.train_dataset) == 12 and len(dm.val_dataset) == 4
-    assert dm.train_dataset[0] == format_example(module.tokenizer, dm.train_examples[0]["prompt"],
-                                                 dm.train_examples[0]["response"], 200)  # fmt: skip
+    first = dm.train_examples[0]
+    assert dm.train_dataset[0] == format_example(module.tokenizer, first["prompt"], first["response"], 200)

@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from overlap_helpers import gaussian, llama_shapes, write_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The matrices here are tiny: thread start-up costs more than it saves, and on a shared machine
+    # busy-waiting threads slow every test down many times over.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

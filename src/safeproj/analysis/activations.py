@@ -58,7 +58,9 @@ def step_manifest(out_dir: str | os.PathLike, step: int) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_activations(out_dir: str | os.PathLike, step: int, set_name: str, layer: int) -> tuple[torch.Tensor, list[int]]:
+def load_activations(
+    out_dir: str | os.PathLike, step: int, set_name: str, layer: int
+) -> tuple[torch.Tensor, list[int]]:
     """(rows × hidden fp32, prompt ids) of one prompt set at one layer, rows ordered by prompt id."""
     step_dir = Path(out_dir) / f"step_{step}"
     shards = []
@@ -153,7 +155,8 @@ def probe_accuracy(harmful: torch.Tensor, useful: torch.Tensor, test_size: float
     n_test = [math.ceil(test_size * n) for n in (len(harmful), len(useful))]
     if min(len(harmful), len(useful)) < 2 or min(n_test) >= min(len(harmful), len(useful)):
         raise ValueError(
-            f"the probe needs at least 2 prompts per set with some left for training; got {len(harmful)} harmful, {len(useful)} useful"
+            "the probe needs at least 2 prompts per set with some left for training; "
+            f"got {len(harmful)} harmful, {len(useful)} useful"
         )
     x = torch.cat([harmful, useful]).float().numpy()
     y = [1] * len(harmful) + [0] * len(useful)
@@ -167,13 +170,14 @@ def subspace_share(direction: torch.Tensor, q: torch.Tensor, complement: bool = 
     """‖P d‖ / ‖d‖ for P the projector onto range(q), or onto its complement when `complement`."""
     if q.ndim != 2 or q.shape[0] != direction.shape[-1]:
         raise ValueError(f"basis of shape {tuple(q.shape)} does not act on vectors of size {direction.shape[-1]}")
-    d = direction.float()
+    d = direction.double()
     norm = float(d.norm())
     if norm == 0.0:
         return float("nan")
-    inside = float((q.float().T @ d).norm()) / norm
+    inside = float((q.double().T @ d).norm()) / norm
     if not complement:
         return inside
+    # ‖P d‖² = ‖d‖² − ‖Q⊥ᵀ d‖²: near 0 this carries ~sqrt(fp32 eps) ≈ 3e-4 (Q is fp32).
     return math.sqrt(max(0.0, 1.0 - inside**2))
 
 
@@ -190,7 +194,9 @@ def weight_alignment(direction: torch.Tensor, basis, layer: int) -> dict[str, fl
         if factor is None:
             continue
         if factor.dim != direction.shape[-1]:
-            raise ValueError(f"basis entry {names[0]} acts on size {factor.dim}, activations have size {direction.shape[-1]}")
+            raise ValueError(
+                f"basis entry {names[0]} acts on size {factor.dim}, activations have size {direction.shape[-1]}"
+            )
         out[f"cos_{short}"] = subspace_share(direction, factor.Q, factor.complement)
         out[f"random_{short}"] = math.sqrt(factor.k / factor.dim)
         out[f"k_{short}"] = int(factor.k)
@@ -259,7 +265,9 @@ def analyse_recordings(
         manifest = step_manifest(out_dir, step)
         for name in (harmful_set, useful_set):
             if name not in manifest["sets"]:
-                raise ValueError(f"step {step} has no prompt set {name!r}; recorded sets are {sorted(manifest['sets'])}")
+                raise ValueError(
+                    f"step {step} has no prompt set {name!r}; recorded sets are {sorted(manifest['sets'])}"
+                )
         for layer in manifest["layers"]:
             harmful, _ = load_activations(out_dir, step, harmful_set, layer)
             useful, _ = load_activations(out_dir, step, useful_set, layer)
@@ -267,7 +275,8 @@ def analyse_recordings(
             first_direction.setdefault(layer, direction)
             key = {"step": step, "layer": layer}
             mso_rows += [{**key, **r} for r in rows]
-            layer_rows.append({**key, **row, "direction_cosine_to_first": direction_cosine(direction, first_direction[layer])})
+            drift = direction_cosine(direction, first_direction[layer])
+            layer_rows.append({**key, **row, "direction_cosine_to_first": drift})
     return {"mso": mso_rows, "layers": layer_rows, "changes": change_rows(layer_rows, mso_rows)}
 
 
@@ -278,7 +287,8 @@ def change_rows(layer_rows: Sequence[Mapping], mso_rows: Sequence[Mapping] = ())
     steps = sorted({r["step"] for r in layer_rows})
     first, last = steps[0], steps[-1]
     out = []
-    metrics = [k for k in layer_rows[0] if k not in ("step", "layer", "n_harmful", "n_useful", "hidden") and not k.startswith(("k_", "random_"))]
+    fixed = ("step", "layer", "n_harmful", "n_useful", "hidden")
+    metrics = [k for k in layer_rows[0] if k not in fixed and not k.startswith(("k_", "random_"))]
     by_key = {(r["step"], r["layer"]): r for r in layer_rows}
     mso_by_key = {(r["step"], r["layer"], r["centered"], r["eta"]): r["mso"] for r in mso_rows}
     for layer in sorted({r["layer"] for r in layer_rows}):
@@ -288,7 +298,8 @@ def change_rows(layer_rows: Sequence[Mapping], mso_rows: Sequence[Mapping] = ())
         pairs = [(m, a.get(m), b.get(m)) for m in metrics]
         for centered, eta in sorted({(c, e) for (s, l, c, e) in mso_by_key if l == layer}):
             label = f"mso_{'centered' if centered else 'uncentered'}@{eta:g}"
-            pairs.append((label, mso_by_key.get((first, layer, centered, eta)), mso_by_key.get((last, layer, centered, eta))))
+            before, after = (mso_by_key.get((s, layer, centered, eta)) for s in (first, last))
+            pairs.append((label, before, after))
         for metric, x, y in pairs:
             if x is None or y is None:
                 continue
@@ -315,7 +326,8 @@ def plot_mso(mso_rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
         ax = fig.add_subplot(nrows, cols, i + 1)
         for j, step in enumerate(shown):
             for centered, style in ((False, "-"), (True, "--")):
-                sel = sorted((r for r in mso_rows if r["layer"] == layer and r["step"] == step and r["centered"] == centered), key=lambda r: r["eta"])
+                sel = [r for r in mso_rows if (r["layer"], r["step"], r["centered"]) == (layer, step, centered)]
+                sel.sort(key=lambda r: r["eta"])
                 if not sel:
                     continue
                 eta = [r["eta"] for r in sel]
@@ -342,11 +354,13 @@ def plot_layers(layer_rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
     steps = sorted({r["step"] for r in layer_rows})
     shown = [steps[0]] if len(steps) == 1 else [steps[0], steps[-1]]
     fig = new_figure(width=9.0, height=3.6)
-    for k, (metric, label) in enumerate((("probe_accuracy", "probe held-out accuracy"), ("diff_norm", "‖mean(harmful) − mean(useful)‖"))):
+    panels = (("probe_accuracy", "probe held-out accuracy"), ("diff_norm", "‖mean(harmful) − mean(useful)‖"))
+    for k, (metric, label) in enumerate(panels):
         ax = fig.add_subplot(1, 2, k + 1)
         for j, step in enumerate(shown):
             sel = sorted((r for r in layer_rows if r["step"] == step), key=lambda r: r["layer"])
-            ax.plot([r["layer"] for r in sel], [r[metric] for r in sel], marker="o", color=f"C{j}", label=f"step {step}")
+            xs, ys = [r["layer"] for r in sel], [r[metric] for r in sel]
+            ax.plot(xs, ys, marker="o", color=f"C{j}", label=f"step {step}")
         if metric == "probe_accuracy":
             ax.axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance")
         ax.set_xlabel("layer")
@@ -386,7 +400,8 @@ def _json_value(value: Any) -> Any:
 def summary_table(report: Mapping[str, Sequence[Mapping]], eta: float = 0.5) -> str:
     """A plain-text table: one line per (step, layer) with probe, diff norm and MSO at `eta`."""
     mso = {(r["step"], r["layer"], r["centered"]): r for r in report["mso"] if math.isclose(r["eta"], eta)}
-    header = f"{'step':>6} {'layer':>5} {'probe':>6} {'diff_norm':>10} {'mso@' + format(eta, 'g'):>8} {'centered':>8} {'baseline':>8}"
+    mso_col = "mso@" + format(eta, "g")
+    header = f"{'step':>6} {'layer':>5} {'probe':>6} {'diff_norm':>10} {mso_col:>8} {'centered':>8} {'baseline':>8}"
     extra = sorted({k for r in report["layers"] for k in r if k.startswith("cos_")})
     header += "".join(f" {k:>14}" for k in extra)
     lines = [header]
@@ -395,7 +410,8 @@ def summary_table(report: Mapping[str, Sequence[Mapping]], eta: float = 0.5) -> 
         centered = mso.get((r["step"], r["layer"], True), {})
         line = (
             f"{r['step']:>6} {r['layer']:>5} {r['probe_accuracy']:>6.3f} {r['diff_norm']:>10.4g} "
-            f"{plain.get('mso', float('nan')):>8.3f} {centered.get('mso', float('nan')):>8.3f} {plain.get('baseline', float('nan')):>8.3f}"
+            f"{plain.get('mso', math.nan):>8.3f} {centered.get('mso', math.nan):>8.3f} "
+            f"{plain.get('baseline', math.nan):>8.3f}"
         )
         for k in extra:
             rand = r.get(k.replace("cos_", "random_"), float("nan"))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from safeproj.analysis.activations import DEFAULT_ETAS, analyse_recordings, summary_table, write_report
+from safeproj.analysis.activations import DEFAULT_ETAS, analyse_recordings, recorded_steps, summary_table, write_report
 from safeproj.callbacks.activation_recorder import (
     DEFAULT_PROMPT_SETS,
     POSITIONS,
@@ -35,11 +33,14 @@ def activations_command(
     useful_set: str = "useful",
     seed: int = 0,
     step: int = 0,
+    record: bool = True,
 ) -> dict[str, list[dict]]:
     """Record activations of harmful and useful prompts and compare them layer by layer.
 
-    Writes `out_dir/step_{step}/` shards, `analysis.json`, `mso_vs_eta.png` and `probe_by_layer.png`,
-    prints a summary table and returns the analysis rows.
+    Writes `out_dir/step_{step}/` shards, then analyses every complete recording in `out_dir`
+    (so recording a base model as step 0 and its fine-tuned checkpoint as step N, or pointing at a
+    training run's activation folder, compares before with after): `analysis.json`,
+    `mso_vs_eta.png`, `probe_by_layer.png`, a printed summary table; returns the analysis rows.
 
     Args:
         model: a preset (`tiny`, `smollm2-135m`), a local checkpoint directory or a hub name.
@@ -57,6 +58,7 @@ def activations_command(
         useful_set: the prompt set treated as useful.
         seed: seed of the built-in prompt sets and of the probe split.
         step: the label of this recording (e.g. a checkpoint's global step).
+        record: False analyses what `out_dir` already holds without loading `model`.
     """
     from safeproj.model.loading import load_model
 
@@ -73,30 +75,36 @@ def activations_command(
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
     etas = list(DEFAULT_ETAS if etas is None else etas)
 
-    lm, tokenizer = load_model(model)
-    indices = resolve_layers(layers, len(decoder_layers(lm)))
-    encoded = prepare_prompt_sets(tokenizer, prompt_sets, num_prompts, position, context_length(lm), seed)
-    record = record_step(
-        lm,
-        encoded,
-        indices,
-        out_dir,
-        step,
-        position=position,
-        pad_id=pad_token_id(tokenizer),
-        batch_size=batch_size,
-        shard_size=shard_size,
-        dtype=dtype,
-    )
+    if record:
+        lm, tokenizer = load_model(model)
+        indices = resolve_layers(layers, len(decoder_layers(lm)))
+        encoded = prepare_prompt_sets(tokenizer, prompt_sets, num_prompts, position, context_length(lm), seed)
+        result = record_step(
+            lm,
+            encoded,
+            indices,
+            out_dir,
+            step,
+            position=position,
+            pad_id=pad_token_id(tokenizer),
+            batch_size=batch_size,
+            shard_size=shard_size,
+            dtype=dtype,
+        )
+        del lm
+        print(f"{result.bytes_written} bytes of activations in {result.directory}")
+    steps = recorded_steps(out_dir)
+    if not steps:
+        raise ValueError(f"no complete recordings in {out_dir}")
     weight_basis = None
     if basis is not None:
         from safeproj.callbacks.subspace import BasisOptions, resolve_basis
 
         weight_basis = resolve_basis(basis, BasisOptions())
     report = analyse_recordings(
-        out_dir, steps=[step], etas=etas, basis=weight_basis, harmful_set=harmful_set, useful_set=useful_set, seed=seed
+        out_dir, steps=steps, etas=etas, basis=weight_basis, harmful_set=harmful_set, useful_set=useful_set, seed=seed
     )
     files = write_report(report, out_dir)
     print(summary_table(report, eta=0.5 if 0.5 in etas else etas[len(etas) // 2]))
-    print(f"{record.bytes_written} bytes of activations in {record.directory}; " + ", ".join(str(Path(p)) for p in files.values()))
+    print("wrote " + ", ".join(str(p) for p in files.values()))
     return report

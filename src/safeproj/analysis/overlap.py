@@ -33,7 +33,7 @@ from safeproj.core import overlap as core_overlap
 from safeproj.core import projector as core_projector
 from safeproj.core import spectrum as core_spectrum
 from safeproj.core.basis import Basis, BasisEntry, Factor
-from safeproj.core.deltas import DeltaSource, select_names
+from safeproj.core.deltas import DeltaSource, delta_from_spec, select_names
 
 ETAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 FRACS = (0.01, 0.25, 0.5, 0.75, 0.99)
@@ -81,7 +81,7 @@ def module_sort_key(module: str) -> tuple[int, str]:
 
 
 def _source_names(source: Subspaces) -> list[str]:
-    return list(source.entries) if isinstance(source, Basis) else list(source.names())
+    return list(source.names())
 
 
 def _source_shape(source: Subspaces, name: str) -> tuple[int, ...]:
@@ -223,7 +223,9 @@ def check_etas(etas: Iterable[float]) -> list[float]:
     return sorted(set(etas))
 
 
-def _shared_names(source_v: Subspaces, sources_w: Mapping[str, Subspaces], modules: Sequence[str] | None) -> list[str]:
+def _shared_names(
+    source_v: Subspaces, sources_w: Mapping[str, Subspaces], modules: Sequence[str] | None, warn: bool = True
+) -> list[str]:
     names_v = _source_names(source_v)
     in_any = set().union(*(_source_names(s) for s in sources_w.values()))
     shared = [n for n in names_v if n in in_any]
@@ -235,7 +237,7 @@ def _shared_names(source_v: Subspaces, sources_w: Mapping[str, Subspaces], modul
     for label, source in sources_w.items():
         names_w = set(_source_names(source))
         only = [n for n in names_v if n not in names_w] + sorted(names_w - set(names_v))
-        if only:
+        if only and warn:
             warnings.warn(
                 f"{len(only)} tensors are in only one delta{f' ({label})' if label else ''} and are skipped, "
                 f"e.g. {only[0]}",
@@ -299,15 +301,20 @@ def mso_tables(
     modules: Sequence[str] | None = None,
     cache: SpectrumCache | None = None,
     progress: bool = False,
+    warn_unshared: bool = True,
 ) -> dict[str, list[dict]]:
-    """`mso_table` of one delta against several, computing the first delta's spectra once per tensor."""
+    """`mso_table` of one delta against several, computing the first delta's spectra once per tensor.
+
+    `warn_unshared=False` silences the warning about tensors present in only one delta (expected when
+    a LoRA run covers a few modules of a full reference).
+    """
     etas = check_etas(etas)
     if not sources_w:
         raise ValueError("no reference delta to compare with")
     cache = cache or SpectrumCache(side=side)
     if cache.side != side:
         raise ValueError(f"cache holds {cache.side}-side spectra but side={side!r}")
-    names = _shared_names(source_v, sources_w, modules)
+    names = _shared_names(source_v, sources_w, modules, warn=warn_unshared)
     members = {label: set(_source_names(s)) for label, s in sources_w.items()}
     tables: dict[str, list[dict]] = {label: [] for label in sources_w}
     skipped = dict.fromkeys(sources_w, 0)
@@ -330,7 +337,8 @@ def mso_tables(
             )
         if count:
             warnings.warn(
-                f"{count} tensor × η pairs{where} need more top vectors than the basis artifact stores and were left out",
+                f"{count} tensor × η pairs{where} need more top vectors than the basis artifact stores "
+                "and were left out",
                 stacklevel=2,
             )
     return tables
@@ -561,7 +569,9 @@ def plot_mso_vs_eta(rows: Sequence[dict], path: str | os.PathLike, title: str = 
     )
 
 
-def plot_ratio_heatmap(rows: Sequence[dict], path: str | os.PathLike, title: str = "MSO / random baseline") -> Path | None:
+def plot_ratio_heatmap(
+    rows: Sequence[dict], path: str | os.PathLike, title: str = "MSO / random baseline"
+) -> Path | None:
     """Layer × η heatmap of the per-layer ratio of mean MSO to mean baseline (None without layered tensors)."""
     by_layer = aggregate(rows, "layer")
     if not by_layer:
@@ -681,9 +691,12 @@ def load_subspaces(spec: str, include: list[str] | None = None, exclude: list[st
         if not basis.entries:
             raise ValueError(f"basis {spec} has no tensor matching include={include} exclude={exclude}")
         return basis
-    from safeproj.callbacks.subspace import delta_source
+    if spec.startswith("safety:"):
+        # Imported only here: it builds the safety-tuned preset, which needs the model stack.
+        from safeproj.callbacks.subspace import delta_source
 
-    return delta_source(spec, include, exclude)
+        return delta_source(spec, include, exclude)
+    return delta_from_spec(spec, include, exclude)
 
 
 def overlap_command(
@@ -749,12 +762,17 @@ def overlap_command(
     if energy:
         if isinstance(source_b, Basis):
             raise ValueError("energy=True needs `b` as a delta (the update), not a basis artifact")
-        energy_rows = energy_retained(source_a, source_b, fracs, SELECTIONS, seed, side=side, cache=cache, progress=True)
+        energy_rows = energy_retained(
+            source_a, source_b, fracs, SELECTIONS, seed, side=side, cache=cache, progress=True
+        )
         written["energy_csv"] = write_rows(energy_rows, out / "energy.csv")
         written["energy_json"] = write_rows(energy_rows, out / "energy.json")
         written["energy_plot"] = plot_energy(energy_rows, out / "energy_retained.png")
         print(f"share of ‖Δ_b‖² kept by subspaces of a ({side} side):")
         for row in (r for r in energy_rows if r["scope"] == "pooled"):
-            print(f"  {row['selection']:<9} frac={row['frac']:<5g} share={row['share']:.4f} (random {row['random_share']:.4f})")
+            print(
+                f"  {row['selection']:<9} frac={row['frac']:<5g} share={row['share']:.4f} "
+                f"(random subspace {row['random_share']:.4f})"
+            )
     print(f"wrote {out}")
     return {kind: str(path) for kind, path in written.items()}

@@ -100,7 +100,8 @@ def heatmap(
 ) -> Path:
     """A rows × columns heatmap saved as PNG; NaN cells stay blank.
 
-    With `center` the colour scale diverges from that value (e.g. 1 for a ratio to a baseline). `annotate` writes each value in its cell; by default only for small grids.
+    With `center` the colour scale diverges from that value (e.g. 1 for a ratio to a baseline).
+    `annotate` writes each value in its cell; by default only for small grids.
     """
     rows = [list(map(float, row)) for row in values]
     if not rows or not rows[0]:

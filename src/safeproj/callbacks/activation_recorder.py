@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from safetensors.torch import save_file
 from torch import nn
@@ -162,8 +162,12 @@ def generation_suffix(tokenizer, prompt: str) -> str:
     messages = [{"role": "user", "content": prompt}]
     # The same template choice as safeproj.data.templates.format_prompt.
     template = None if getattr(tokenizer, "chat_template", None) else CHAT_TEMPLATE
-    with_turn = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
-    without = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=False)
+    def render(turn: bool) -> str:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=turn
+        )
+
+    with_turn, without = render(True), render(False)
     if not with_turn.startswith(without) or len(with_turn) == len(without):
         raise ValueError("position='assistant' needs a chat template that appends a generation prompt")
     return with_turn[len(without) :]
@@ -197,7 +201,9 @@ def encode_prompts(tokenizer, prompts: Sequence[str], position: str) -> list[Enc
 def _assistant_positions(tokenizer, text: str, prompt: str, enc) -> tuple[int, ...]:
     suffix = generation_suffix(tokenizer, prompt)
     if not text.endswith(suffix):
-        raise ValueError("position='assistant': the formatted prompt does not end with the chat template's generation prompt")
+        raise ValueError(
+            "position='assistant': the formatted prompt does not end with the chat template's generation prompt"
+        )
     boundary = len(text) - len(suffix)
     n = len(enc["input_ids"])
     if "offset_mapping" in enc:
@@ -226,7 +232,8 @@ class PaddedBatch:
     counts: torch.Tensor  # (B,) positions averaged per prompt
 
     def to(self, device: torch.device | str) -> PaddedBatch:
-        return PaddedBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.rows, self.cols, self.counts)))
+        fields = (self.input_ids, self.attention_mask, self.position_ids, self.rows, self.cols, self.counts)
+        return PaddedBatch(*(t.to(device) for t in fields))
 
 
 def left_pad(encoded: Sequence[EncodedPrompt], pad_id: int) -> PaddedBatch:
@@ -277,7 +284,9 @@ def record_activations(
     blocks = decoder_layers(model)
     for layer in layers:
         if not 0 <= layer < len(blocks):
-            raise ValueError(f"layer index {layer} is out of range: the model has {len(blocks)} layers (0..{len(blocks) - 1})")
+            raise ValueError(
+                f"layer index {layer} is out of range: the model has {len(blocks)} layers (0..{len(blocks) - 1})"
+            )
     decoder = decoder_module(model)
     device = next(model.parameters()).device
     current: dict[str, Any] = {"batch": None, "rows": {}}
@@ -419,13 +428,16 @@ def record_step(
     try:
         with record_activations(model, layers, torch_dtype) as capture:
             for set_name, encoded in prompt_sets.items():
-                meta = {"format": SHARD_FORMAT, "step": str(step), "set": set_name, "position": position, "dtype": dtype}
+                meta = {
+                    "format": SHARD_FORMAT, "step": str(step), "set": set_name, "position": position, "dtype": dtype
+                }
                 set_writers = {
                     layer: ShardWriter(partial, set_name, layer, {**meta, "layer": str(layer)}, shard_size)
                     for layer in layers
                 }
                 starts = range(0, len(encoded), batch_size)
-                for start in tqdm(starts, desc=f"activations step {step} {set_name}", leave=False, disable=not progress):
+                desc = f"activations step {step} {set_name}"
+                for start in tqdm(starts, desc=desc, leave=False, disable=not progress):
                     chunk = encoded[start : start + batch_size]
                     captured = capture(left_pad(chunk, pad_id))
                     ids = list(range(start, start + len(chunk)))
@@ -540,8 +552,9 @@ class ActivationRecorder(Callback):
         dtype: storage dtype, "float32" or "bfloat16".
         analyse: analyse the recordings at train end (tables, plots, W&B).
         etas: energy shares for the activation MSO.
-        basis: a basis spec (see `safeproj.callbacks.subspace.resolve_basis`) to compare the
-            difference-of-means direction with the weight subspace of o_proj / down_proj.
+        basis: a basis artifact or delta spec (see `safeproj.callbacks.subspace.resolve_basis`;
+            a delta spec is built with its default options, top half of the spectrum, left side)
+            to compare the difference-of-means direction with the o_proj / down_proj subspace.
         harmful_set / useful_set: the two prompt sets the analysis contrasts.
         seed: for the built-in prompt sets and the probe split.
 
@@ -629,6 +642,12 @@ class ActivationRecorder(Callback):
             )
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
+        if self.analyse:
+            small = {name: len(e) for name, e in self._encoded.items() if len(e) < 2}
+            if small:
+                raise MisconfigurationException(f"analyse=True needs at least 2 prompts per set; got {small}")
+        if self.basis is not None and self.basis.endswith(".safetensors") and not Path(self.basis).is_file():
+            raise MisconfigurationException(f"basis file {self.basis} does not exist")
         self._pad_id = pad_token_id(tokenizer)
         self._dir = Path(self.out_dir) if self.out_dir is not None else Path(trainer.default_root_dir) / "activations"
 
@@ -637,7 +656,9 @@ class ActivationRecorder(Callback):
         self._record(trainer, pl_module)
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         # Micro-batches of one accumulation window share a global_step; record each step once.
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
@@ -683,20 +704,28 @@ class ActivationRecorder(Callback):
         from safeproj import wandb as sp_wandb
         from safeproj.analysis.activations import DEFAULT_ETAS, analyse_recordings, write_report
 
-        basis = None
-        if self.basis is not None:
-            from safeproj.callbacks.subspace import BasisOptions, resolve_basis
+        try:
+            basis = None
+            if self.basis is not None:
+                from safeproj.callbacks.subspace import BasisOptions, resolve_basis
 
-            basis = resolve_basis(self.basis, BasisOptions())
-        report = analyse_recordings(
-            self._dir,
-            steps=sorted(self.recorded_steps),
-            etas=self.etas or DEFAULT_ETAS,
-            basis=basis,
-            harmful_set=self.harmful_set,
-            useful_set=self.useful_set,
-            seed=self.seed,
-        )
+                basis = resolve_basis(self.basis, BasisOptions())
+            report = analyse_recordings(
+                self._dir,
+                steps=sorted(self.recorded_steps),
+                etas=self.etas or DEFAULT_ETAS,
+                basis=basis,
+                harmful_set=self.harmful_set,
+                useful_set=self.useful_set,
+                seed=self.seed,
+            )
+        except (ValueError, FileNotFoundError) as err:
+            # The recordings are on disk; a failed analysis should not fail a finished training run.
+            rank_zero_warn(
+                f"activation analysis skipped ({err}); "
+                f"rerun with `safeproj activations --record false --out_dir {self._dir}`"
+            )
+            return
         files = write_report(report, self._dir)
         rank_zero_info(f"Activation analysis written to {self._dir}")
         loggers = trainer.loggers
@@ -712,6 +741,7 @@ def _model_and_tokenizer(pl_module: LightningModule):
     tokenizer = getattr(pl_module, "tokenizer", None)
     if not isinstance(model, nn.Module) or tokenizer is None:
         raise MisconfigurationException(
-            f"ActivationRecorder needs a LightningModule with .model and .tokenizer; {type(pl_module).__name__} lacks them"
+            "ActivationRecorder needs a LightningModule with .model and .tokenizer; "
+            f"{type(pl_module).__name__} lacks them"
         )
     return model, tokenizer

@@ -11,7 +11,8 @@ same way. Alone, it tells how much an unprojected run moves into the safety subs
 `OnlineProjection` it confirms the projection (≈1 for keep="parallel", ≈0 for keep="orthogonal").
 
 Memory: W₀ of the governed full weights is kept once on CPU (one copy of those weights) and stored
-in the checkpoint, so a resumed run keeps measuring against the original start.
+in the checkpoint, so a resumed run keeps measuring against the original start. Each measurement
+moves W₀ to the weights' device one tensor at a time and costs one projection per weight.
 """
 
 from __future__ import annotations
@@ -282,7 +283,10 @@ def write_history(rows: list[dict], path: Path) -> Path:
 
 
 def plot_history(rows: list[dict], path: Path) -> Path:
-    """Heatmap of per-layer mean shares (rows: layers, then `overall`; columns: steps)."""
+    """Heatmap of per-layer mean shares (rows: layers, then the pooled `overall`; columns: steps).
+
+    Layer rows average their weights' shares; `overall` pools energy, so it weighs large updates more.
+    """
     by_step: dict[int, list[dict]] = defaultdict(list)
     for row in rows:
         by_step[row["step"]].append(row)
@@ -302,7 +306,7 @@ def plot_history(rows: list[dict], path: Path) -> Path:
         path,
         row_labels=layers + [OVERALL],
         col_labels=[str(s) for s in steps],
-        title=f"Update energy inside the subspace (random ≈ {baseline:.2f})",
+        title=f"Update energy in the subspace (pooled random {baseline:.2f})",
         xlabel="optimizer step",
         ylabel="layer",
         colorbar_label="‖PΔW‖² / ‖ΔW‖²",

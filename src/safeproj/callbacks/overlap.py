@@ -176,7 +176,9 @@ class OverlapCallback(Callback):
         if "FSDP" in type(trainer.strategy).__name__:
             raise MisconfigurationException("OverlapCallback reads whole weights on rank zero; FSDP shards them")
         if not isinstance(getattr(pl_module, "model", None), torch.nn.Module):
-            raise MisconfigurationException("OverlapCallback needs the LightningModule's Hugging Face model at `.model`")
+            raise MisconfigurationException(
+                "OverlapCallback needs the LightningModule's Hugging Face model at `.model`"
+            )
         for label, spec in self.references.items():
             try:
                 self._sources[label] = load_subspaces(spec, self.include, self.exclude)
@@ -188,7 +190,7 @@ class OverlapCallback(Callback):
         weights, _ = model_weights(pl_module.model)
         wanted = set()
         for source in self._sources.values():
-            wanted.update(source.entries if hasattr(source, "entries") else source.names())
+            wanted.update(source.names())
         # Only weights that can move: frozen ones have a zero update, which spans no subspace.
         names = [
             n
@@ -226,7 +228,10 @@ class OverlapCallback(Callback):
             return
         run = RunDelta(self._targets, self._start, self._start_dir)
         cache = SpectrumCache(side=self.side)
-        self.tables = mso_tables(run, self._sources, self.etas, side=self.side, cache=cache, progress=True)
+        # References may cover more tensors than the run trains (LoRA on a few modules): compare the shared ones.
+        self.tables = mso_tables(
+            run, self._sources, self.etas, side=self.side, cache=cache, progress=True, warn_unshared=False
+        )
         out = Path(self.out_dir or Path(trainer.default_root_dir) / "overlap")
         step = trainer.global_step
         from safeproj.wandb import log_images, log_table
@@ -249,7 +254,9 @@ class OverlapCallback(Callback):
             logger.log_metrics(metrics, step=step)
         mid = self.etas[len(self.etas) // 2]
         summary = ", ".join(
-            f"{label} {metrics[key]:.2f}" for label in self.tables if (key := f"overlap/{label}/ratio@{mid:g}") in metrics
+            f"{label} {metrics[key]:.2f} ({len({r['name'] for r in self.tables[label]})} tensors)"
+            for label in self.tables
+            if (key := f"overlap/{label}/ratio@{mid:g}") in metrics
         )
         rank_zero_info(f"OverlapCallback: MSO/baseline at η={mid:g}: {summary} -> {out}")
         self._start = {}

@@ -26,6 +26,21 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
 POSTHOC_FILE = Path("posthoc") / "posthoc.json"
 FORMAT = "safeproj.summary/1"
+# Evaluator results without their prefix (post hoc rows hold `evaluate()` output as it comes).
+UTILITY_NAMES = ("strict_acc", "flexible_acc")
+HARM_NAMES = ("mean_score", "share_5", "refusal_rate", "unscored", "parse_failures", "n_scored")
+
+
+def metric_name(key: str) -> str | None:
+    """`utility/<name>` or `harm/<name>` for an evaluator result (prefixed or not), None for other keys."""
+    if "/" in key:
+        return key
+    base = key.removesuffix("_ci_low").removesuffix("_ci_high")
+    if base in UTILITY_NAMES:
+        return f"utility/{key}"
+    if base in HARM_NAMES:
+        return f"harm/{key}"
+    return None
 
 
 def plain_float(value: Any) -> float | None:
@@ -134,8 +149,9 @@ class RunSummary(Callback):
         full = next((row for row in posthoc if row.get("variant") == "full"), None)
         if full is not None:
             for key, value in full.items():
-                if "/" in key and isinstance(value, float):
-                    metrics.setdefault(key, value)
+                name = metric_name(key)
+                if name is not None and isinstance(value, float):
+                    metrics.setdefault(name, value)
         return {
             "format": FORMAT,
             "status": "done",

@@ -3,6 +3,8 @@
 Each side keeps either the k kept directions U_k or an orthonormal basis U⊥ of their complement,
 whichever has fewer columns, so a basis never takes more bytes than the weights it covers (at most
 half for square matrices). The projector is the same either way: P = U_k U_kᵀ = I − U⊥U⊥ᵀ.
+The left subspace of an m×n delta lives in R^m and the right one in R^n; for a tall matrix
+(m > n) at most n of the m left directions carry energy, so k ≤ n there.
 """
 
 from __future__ import annotations
@@ -193,7 +195,13 @@ def _read_entry(f, name: str, spec: dict) -> BasisEntry:
         raise ValueError(f"tensor {name!r} has no factor")
     spectrum = f.get_tensor(f"{name}::spectrum") if f"{name}::spectrum" in f.keys() else None
     return BasisEntry(
-        name, shape, factors["left"], factors["right"], float(spec["energy_kept"]), float(spec["energy_total"]), spectrum
+        name=name,
+        shape=shape,
+        left=factors["left"],
+        right=factors["right"],
+        energy_kept=float(spec["energy_kept"]),
+        energy_total=float(spec["energy_total"]),
+        spectrum=spectrum,
     )
 
 

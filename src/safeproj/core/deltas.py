@@ -150,7 +150,9 @@ class _Safetensors:
         elif (p / "model.safetensors").is_file():
             files = {p / "model.safetensors": None}
         elif p.is_dir() and any(p.glob("*.bin")):
-            raise ValueError(f"{p} holds pickled weights only; safeproj reads safetensors (re-save with safe_serialization)")
+            raise ValueError(
+                f"{p} holds pickled weights only; safeproj reads safetensors (re-save with safe_serialization)"
+            )
         else:
             raise ValueError(f"{p} is neither a .safetensors file nor a directory with model.safetensors(.index.json)")
         self.file_of: dict[str, Path] = {}
@@ -266,7 +268,9 @@ class LoraDelta(DeltaSource):
         if cfg.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"{self.adapter} is a {cfg.get('peft_type')} adapter; only LORA is supported")
         if cfg.get("use_dora"):
-            raise ValueError(f"{self.adapter} is a DoRA adapter: its update is not B·A; merge it and use CheckpointDelta")
+            raise ValueError(
+                f"{self.adapter} is a DoRA adapter: its update is not B·A; merge it and use CheckpointDelta"
+            )
         self.config = cfg
         self.fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
         self.use_rslora = bool(cfg.get("use_rslora", False))
@@ -297,7 +301,9 @@ class LoraDelta(DeltaSource):
         candidates: dict[str, tuple[int, ...]] = {}
         for module, parts in modules.items():
             embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
-            a_part, b_part = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+            a_part, b_part = (
+                ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+            )
             if a_part not in parts or b_part not in parts:
                 raise ValueError(f"adapter module {module!r} lacks {a_part if a_part not in parts else b_part}")
             a_shape, b_shape = parts[a_part][1], parts[b_part][1]
@@ -358,7 +364,8 @@ class TensorDelta(DeltaSource):
                 raise ValueError(f"tensor {name!r} is missing from the start tensors")
             if tuple(end[name].shape) != tuple(start[name].shape):
                 raise ValueError(
-                    f"tensor {name!r} has shape {tuple(end[name].shape)} at the end but {tuple(start[name].shape)} at the start"
+                    f"tensor {name!r} has shape {tuple(end[name].shape)} at the end "
+                    f"but {tuple(start[name].shape)} at the start"
                 )
             self._shapes[name] = tuple(end[name].shape)
 

@@ -78,7 +78,9 @@ def _entry_input(X: Tensor, entry: BasisEntry) -> Tensor:
     x = _as_2d(X)
     want = (entry.shape[0], entry.shape[1] if len(entry.shape) == 2 else 1)
     if tuple(x.shape) != want:
-        raise ValueError(f"tensor of shape {tuple(X.shape)} does not fit basis entry {entry.name!r} {tuple(entry.shape)}")
+        raise ValueError(
+            f"tensor of shape {tuple(X.shape)} does not fit basis entry {entry.name!r} {tuple(entry.shape)}"
+        )
     return x.float()
 
 

@@ -9,8 +9,10 @@ Two exact factorizations are offered:
 - "gram": the eigendecomposition of the smaller Gram matrix (ΔΔᵀ or ΔᵀΔ) in float64, the other
   side recovered as ΔV/σ and its null directions completed by Householder reflections. Squaring
   the matrix halves the accurate digits, so the Gram path works in float64; it then matches or
-  beats the float32 SVD and is faster (benchmarks/overlap.py: about 1x for square matrices and
-  3-8x for the rectangular MLP matrices of 1-7B models on CPU).
+  beats the float32 SVD, and is faster: benchmarks/overlap.py (CPU, one thread) measured the
+  vectors 1.2x faster at 2048² and 4096², 4.0x at 2048×8192 and 2.5x at 4096×11008, and the
+  values alone (`energy_spectrum`) 2.7-7.8x faster than the SVD, with energy curves equal to
+  2e-6 relative.
 "auto" takes the Gram path.
 """
 

@@ -24,8 +24,10 @@ def largest_remainder(weights: list[float], total: int) -> list[int]:
     (ties to the earlier entry), so every share is within one of its exact quota.
     """
     if total < 0 or not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"largest_remainder needs total >= 0 and non-negative weights with a positive sum, "
-                         f"got total={total}, weights={weights}")  # fmt: skip
+        raise ValueError(
+            "largest_remainder needs total >= 0 and non-negative weights with a positive sum, "
+            f"got total={total}, weights={weights}"
+        )
     quotas = [w / sum(weights) * total for w in weights]
     shares = [int(q) for q in quotas]
     by_remainder = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - shares[i]), i))
@@ -95,8 +97,9 @@ class InstructionDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.sources = self._check_sources(sources)
-        for name, value, low in (("num_samples", num_samples, 1), ("batch_size", batch_size, 1),
-                                 ("max_length", max_length, 2), ("num_workers", num_workers, 0)):  # fmt: skip
+        minimums = {"num_samples": (num_samples, 1), "batch_size": (batch_size, 1), "max_length": (max_length, 2),
+                    "num_workers": (num_workers, 0)}  # fmt: skip
+        for name, (value, low) in minimums.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise MisconfigurationException(f"{name} must be an integer >= {low}, got {value!r}")
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
@@ -104,7 +107,9 @@ class InstructionDataModule(L.LightningDataModule):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise MisconfigurationException(f"seed must be an integer, got {seed!r}")
         if val_fraction > 0 and num_samples < 2:
-            raise MisconfigurationException(f"num_samples={num_samples} leaves nothing to train on after a validation split")
+            raise MisconfigurationException(
+                f"num_samples={num_samples} leaves nothing to train on after a validation split"
+            )
         self.num_samples = num_samples
         self.val_fraction = float(val_fraction)
         self.batch_size = batch_size

@@ -91,7 +91,9 @@ class SourceSpec:
             raise ValueError(f"SourceSpec.split must be a non-empty string, got {self.split!r}")
         if self.filter is not None and (not isinstance(self.filter, dict) or not self.filter):
             raise ValueError(f"SourceSpec.filter must be a non-empty mapping or None, got {self.filter!r}")
-        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
+        if self.limit is not None and (
+            isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1
+        ):
             raise ValueError(f"SourceSpec.limit must be a positive integer or None, got {self.limit!r}")
         if self.path.startswith("builtin:") and self.path not in BUILTIN:
             raise ValueError(f"unknown built-in source {self.path!r}; known: {', '.join(sorted(BUILTIN))}")
@@ -145,6 +147,8 @@ def _is_local(path: str) -> bool:
 
 def _read_local(path: str) -> list[dict]:
     file = Path(path).expanduser()
+    if file.is_dir():
+        raise ValueError(f"data path {path!r} is a directory; expected a {'/'.join(LOCAL_SUFFIXES)} file")
     if not file.is_file():
         raise ValueError(f"data file not found: {path!r}")
     suffix = file.suffix.lower()

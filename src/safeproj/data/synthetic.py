@@ -102,7 +102,10 @@ def _ages_times(rng: random.Random):
         f"How old will {other} be in {years} years?"
     )
     now = age * times
-    lines = [f"{other} is {age} * {times} = {now} years old now.", f"In {years} years {other} will be {now} + {years} = {now + years}."]
+    lines = [
+        f"{other} is {age} * {times} = {now} years old now.",
+        f"In {years} years {other} will be {now} + {years} = {now + years}.",
+    ]
     return prompt, lines, now + years
 
 
@@ -115,7 +118,10 @@ def _ages_sum(rng: random.Random):
         f"What is the sum of their ages?"
     )
     old = young + gap
-    lines = [f"{name} is {young} + {gap} = {old} years old.", f"Together they are {old} + {young} = {old + young} years old."]
+    lines = [
+        f"{name} is {young} + {gap} = {old} years old.",
+        f"Together they are {old} + {young} = {old + young} years old.",
+    ]
     return prompt, lines, old + young
 
 
@@ -142,7 +148,10 @@ def _speed_same_rate(rng: random.Random):
         f"A {vehicle} covers {distance} kilometers in {t1} hours. At the same speed, "
         f"how many kilometers does it cover in {t2} hours?"
     )
-    lines = [f"Its speed is {distance} / {t1} = {speed} kilometers per hour.", f"In {t2} hours it covers {speed} * {t2} = {speed * t2} kilometers."]
+    lines = [
+        f"Its speed is {distance} / {t1} = {speed} kilometers per hour.",
+        f"In {t2} hours it covers {speed} * {t2} = {speed * t2} kilometers.",
+    ]
     return prompt, lines, speed * t2
 
 
@@ -156,7 +165,10 @@ def _sharing(rng: random.Random):
         f"{friends} friends. How many {thing} does each friend get?"
     )
     rest = total - keep
-    lines = [f"{He} shares {total} - {keep} = {rest} {thing}.", f"Each friend gets {rest} / {friends} = {each} {thing}."]
+    lines = [
+        f"{He} shares {total} - {keep} = {rest} {thing}.",
+        f"Each friend gets {rest} / {friends} = {each} {thing}.",
+    ]
     return prompt, lines, each
 
 
@@ -168,7 +180,10 @@ def _earnings(rng: random.Random):
         f"How much does {he} earn in total?"
     )
     daily = wage * hours
-    lines = [f"Each day {he} earns {wage} * {hours} = ${daily}.", f"Over {days} days {he} earns {daily} * {days} = ${daily * days}."]
+    lines = [
+        f"Each day {he} earns {wage} * {hours} = ${daily}.",
+        f"Over {days} days {he} earns {daily} * {days} = ${daily * days}.",
+    ]
     return prompt, lines, daily * days
 
 

@@ -75,7 +75,22 @@ class SafeprojLM(L.LightningModule):
             raise ValueError(f"lr must be positive, got {lr}")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
-        self.save_hyperparameters()
+        # Explicit values: frame inspection would mix in the arguments of an enclosing SafeprojLM
+        # (a preset safety-tuned on first use is built inside another module's __init__).
+        self.save_hyperparameters(
+            {
+                "model": model,
+                "lora": lora,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "warmup_ratio": warmup_ratio,
+                "betas": tuple(betas),
+                "seed": seed,
+                "checkpoint_dir": checkpoint_dir,
+                "trust_remote_code": trust_remote_code,
+                "gradient_checkpointing": gradient_checkpointing,
+            }
+        )
         self.model_name = model
         self.model, self.tokenizer = load_model(model, trust_remote_code=trust_remote_code, seed=seed)
         # Where the starting weights live on disk, so a run's update W_end − W_start can be read back.
