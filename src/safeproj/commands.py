@@ -135,9 +135,9 @@ def project_command(
     grid = SubspaceGrid(source, [t.name for t in targets], side=side, seed=seed)
     evaluators = []
     if utility:
-        evaluators.append(UtilityEval(num_samples=num_samples).evaluate)
+        evaluators.append(UtilityEval(num_samples=num_samples))
     if harm:
-        evaluators.append(HarmEval(num_samples=num_samples).evaluate)
+        evaluators.append(HarmEval(num_samples=num_samples))
     variants = [Variant(f, s) for s in selections for f in fracs]
     rows = list(run_variants(_Holder(model, tokenizer), targets, initial, grid, variants, keep, evaluators))
     out = Path(out_dir or Path(run).parent / "posthoc")

@@ -109,7 +109,8 @@ class LoopbackJudgeServer:
 
     def _respond(self, h: _Handler, body: dict) -> None:
         if body.get("model") != self.model:
-            return self._send(h, 404, {"error": {"message": f"model {body.get('model')} does not exist", "type": "invalid_request_error"}})
+            error = {"message": f"model {body.get('model')} does not exist", "type": "invalid_request_error"}
+            return self._send(h, 404, {"error": error})
         messages = body["messages"]
         pair = messages[0]["content"]
         reminder = len(messages) > 1

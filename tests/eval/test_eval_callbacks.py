@@ -185,14 +185,21 @@ def test_yaml_builds_openai_judge_without_storing_the_key(tmp_path, api_key):
             "logger": False,
             "enable_checkpointing": False,
             "callbacks": [
-                {"class_path": "safeproj.callbacks.evaluation.UtilityEval", "init_args": {"num_samples": 4, "n_shot": 2}},
+                {
+                    "class_path": "safeproj.callbacks.evaluation.UtilityEval",
+                    "init_args": {"num_samples": 4, "n_shot": 2},
+                },
                 {
                     "class_path": "safeproj.callbacks.evaluation.HarmEval",
                     "init_args": {
                         "num_samples": 8,
                         "judge": {
                             "class_path": "safeproj.eval.judges.OpenAIJudge",
-                            "init_args": {"base_url": "http://127.0.0.1:9/v1", "model": "gpt-4o", "api_key_env": api_key},
+                            "init_args": {
+                                "base_url": "http://127.0.0.1:9/v1",
+                                "model": "gpt-4o",
+                                "api_key_env": api_key,
+                            },
                         },
                     },
                 },

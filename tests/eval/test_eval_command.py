@@ -46,7 +46,8 @@ def test_lora_adapter_dir_is_merged_into_its_base(tmp_path):
     base_dir = tmp_path / "base"
     base.save_pretrained(base_dir)
     tok.save_pretrained(base_dir)
-    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    lora = get_peft_model(base, config)
     adapter_dir = tmp_path / "adapter"
     lora.save_pretrained(adapter_dir)
     (adapter_dir / "safeproj.json").write_text(json.dumps({"model": "tiny", "base": str(base_dir), "lora": True}))

@@ -143,6 +143,9 @@ def test_tiny_model_run_and_sharding(tiny):
     metrics, rows = evaluate_gsm8k(model, tok, num_samples=5, max_new_tokens=6, progress=False)
     assert metrics["n"] == 5 and len(rows) == 5
     assert set(rows[0]) == {"question", "output", "gold", "strict", "flexible", "strict_correct", "flexible_correct"}
-    halves = [evaluate_gsm8k(model, tok, num_samples=5, max_new_tokens=6, rank=r, world_size=2, progress=False)[1] for r in (0, 1)]
+    halves = [
+        evaluate_gsm8k(model, tok, num_samples=5, max_new_tokens=6, rank=r, world_size=2, progress=False)[1]
+        for r in (0, 1)
+    ]
     assert [r["question"] for r in halves[0]] == [r["question"] for r in rows[0::2]]
     assert [r["output"] for r in halves[1]] == [r["output"] for r in rows[1::2]]

@@ -240,7 +240,8 @@ def test_key_never_leaks(judge_server, api_key, tmp_path, caplog):
         OpenAIJudge(judge_server.base_url, "missing-model", api_key_env=api_key, **FAST).judge([("a", "b")])
     assert judge_server.auth_headers and all(h == f"Bearer {SECRET}" for h in judge_server.auth_headers)
     assert caplog.text  # the SDK and httpx did log at debug level
-    for text in (caplog.text, repr(judge), str(vars(judge)), str(err.value), (tmp_path / "judge.sqlite").read_bytes().decode("latin-1")):
+    stored = (tmp_path / "judge.sqlite").read_bytes().decode("latin-1")
+    for text in (caplog.text, repr(judge), str(vars(judge)), str(err.value), stored):
         assert SECRET not in text
 
 

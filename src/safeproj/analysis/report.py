@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from safeproj.analysis import plots
+from safeproj.analysis.sweep import DEFAULT_SEED_KEYS
 from safeproj.callbacks.summary import SUMMARY_FILE, metric_name, write_json_atomic
 from safeproj.eval.stats import bootstrap_ci
 
@@ -119,6 +120,7 @@ class Run:
     recipe: str = "?"
     metrics: dict[str, float | None] = field(default_factory=dict)
     posthoc: list[dict[str, Any]] = field(default_factory=list)
+    seed_keys: list[str] = field(default_factory=list)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -200,7 +202,11 @@ def _make_run(directory: Path, source: Path, summary: dict[str, Any]) -> Run:
         name = metric_name(key) or key
         run.metrics[name] = _number(value)
     run.posthoc = [normalize_row(row) for row in summary.get("posthoc") or []]
-    digest = hashlib.sha256(json.dumps(cell_config(config), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    # Runs from outside a sweep take its default: seed_everything and data.seed vary with the seed.
+    run.seed_keys = [k for k in str(labels.get("seed_keys") or ",".join(DEFAULT_SEED_KEYS)).split(",") if k]
+    # The recipe is part of a cell's identity even where two recipes resolve to the same config.
+    identity = {"recipe": run.recipe, "config": cell_config(config, run.seed_keys)}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
     run.key = digest if config else f"dir:{directory}"
     if labels.get("cell"):
         run.cell = str(labels["cell"])
@@ -228,10 +234,10 @@ def normalize_row(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def cell_config(config: dict[str, Any]) -> dict[str, Any]:
+def cell_config(config: dict[str, Any], seed_keys: Sequence[str] = ()) -> dict[str, Any]:
     """The config minus what differs between seeds of one cell (seed, paths, run names, labels)."""
     config = json.loads(json.dumps(config, default=str))
-    for path in VOLATILE_CONFIG:
+    for path in (*VOLATILE_CONFIG, *(tuple(k.split(".")) for k in seed_keys)):
         node = config
         for key in path[:-1]:
             node = node.get(key) if isinstance(node, dict) else None
@@ -358,9 +364,8 @@ def posthoc_tables(cells: dict[str, list[Run]]) -> list[Table]:
 
 def online_tables(cells: dict[str, list[Run]]) -> list[Table]:
     """One table per family of online-projection cells that differ only in frac/eta and selection."""
-    families: dict[str, list[tuple[tuple[str, float], list[Run]]]] = {}
+    families: dict[str, list[tuple[str, tuple[str, float], list[Run]]]] = {}
     meta: dict[str, tuple[str, str, str]] = {}
-    families_scope: dict[str, str] = {}
     for label, runs in cells.items():
         args = _callback(runs[0].config, "OnlineProjection")
         if args is None:
@@ -368,32 +373,39 @@ def online_tables(cells: dict[str, list[Run]]) -> list[Table]:
         selection = str(args.get("selection", "top"))
         eta = args.get("eta")
         x, x_label = (float(eta), "eta") if eta is not None else (float(args.get("frac", 0.5)), "frac")
-        config = cell_config(runs[0].config)
+        config = cell_config(runs[0].config, runs[0].seed_keys)
         family_args = _callback(config, "OnlineProjection")
         for key in ("frac", "eta", "selection"):
             family_args.pop(key, None)
         family = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
-        families.setdefault(family, []).append(((selection, x), runs))
-        families_scope[family] = label.rpartition("/")[0]
+        families.setdefault(family, []).append((label, (selection, x), runs))
         meta[family] = (runs[0].recipe, str(args.get("keep", "orthogonal")), x_label)
+    names = {family: _family_name([label for label, _, _ in members]) for family, members in families.items()}
     tables = []
     for family, members in families.items():
         recipe, keep, x_label = meta[family]
-        values = {point: _metric_lists(runs, lambda r: r.metrics) for point, runs in members}
+        name = names[family] if list(names.values()).count(names[family]) == 1 else f"{names[family]} ({family})"
+        values = {point: _metric_lists(runs, lambda r: r.metrics) for _, point, runs in members}
         reference, reference_label = None, ""
         plain = [(label, runs) for label, runs in cells.items()
                  if runs[0].recipe == recipe and _callback(runs[0].config, "OnlineProjection") is None]
         if len(plain) > 1:
             # Several unprojected cells of the recipe: take the one from the same sweep (label prefix).
-            scope = families_scope[family]
+            scope = members[0][0].rpartition("/")[0]
             plain = [(label, runs) for label, runs in plain if label.rpartition("/")[0] == scope]
         if len(plain) == 1:
-            reference_label = f"unprojected ({plain[0][0]})"
+            reference_label = f"no projection (cell {plain[0][0]})"
             reference = _metric_lists(plain[0][1], lambda r: r.metrics)
-        tables.append(Table(title=f"{recipe}: online projection ({keep}, {family})", slug=_slug(f"online_{recipe}_{family}"),
+        tables.append(Table(title=f"{name}: online projection ({keep}, recipe {recipe})", slug=_slug(f"online_{name}"),
                             kind="online", values=values, reference=reference, reference_label=reference_label,
                             x_label=x_label))
     return tables
+
+
+def _family_name(labels: Sequence[str]) -> str:
+    """The cell labels' shared stem, without the grid's frac/eta/selection parts."""
+    stems = {re.split(r"-(?:frac|eta|selection)=", label)[0] for label in labels}
+    return stems.pop() if len(stems) == 1 else os.path.commonprefix(sorted(stems)).rstrip("-/") or "online"
 
 
 def _selections(table: Table) -> list[str]:
@@ -476,7 +488,11 @@ def activation_rows(cells: dict[str, list[Run]], n_boot: int) -> list[list[str]]
                 key = (change["layer"], change["metric"])
                 for part in ("first", "last", "change"):
                     grouped[key][part].append(change.get(part))
+        etas = sorted({float(m.rpartition("@")[2]) for _, m in grouped if m.startswith("mso_") and "@" in m})
+        keep_eta = min(etas, key=lambda e: abs(e - 0.5)) if etas else None
         for (layer, metric), parts in sorted(grouped.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            if metric.startswith("mso_") and "@" in metric and float(metric.rpartition("@")[2]) != keep_eta:
+                continue  # one η in the table; analysis.json beside each run has them all
             rows.append([label, str(layer), metric, *(summarize(parts[p], n_boot).cell() for p in ("first", "last", "change"))])
     return rows
 
@@ -698,7 +714,7 @@ def log_wandb(out_dir: Path, rows: Sequence[dict[str, Any]], images: Sequence[Pa
 
 
 def report_command(
-    runs: list[str],
+    runs: list[str] | str,
     out_dir: str = "runs/report",
     compare: list[str] | None = None,
     n_boot: int = 1000,
@@ -712,7 +728,8 @@ def report_command(
     unless WANDB_MODE=disabled.
 
     Args:
-        runs: run folders (searched for summary.json), summary.json files or a sweep's index.jsonl.
+        runs: run folders (searched for summary.json), summary.json files or a sweep's index.jsonl;
+            one path, or a list (`'[runs/a, runs/b]'` on the command line).
         out_dir: where the report goes.
         compare: two runs or groups side by side: each a folder or a cell-label glob pattern.
         n_boot: bootstrap resamples per interval.
@@ -724,6 +741,7 @@ def report_command(
     """
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
         raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
+    runs = [runs] if isinstance(runs, (str, os.PathLike)) else list(runs)
     found = load_runs(runs)
     cells = group_cells(found)
     out = Path(out_dir)

@@ -3,8 +3,10 @@
 A sweep spec is a YAML file (see recipes/sweeps/):
 
     name: orthogonal             # default: the file's stem; out_dir defaults to runs/sweeps/<name>
-    seeds: [0, 1, 2]             # seed_everything of each run
+    seeds: [0, 1, 2]             # one run per seed and cell
+    seed_keys: [seed_everything, data.seed]   # config keys set to the seed (this is the default)
     set: {trainer.max_steps: 30} # overrides for every run
+    env: {OMP_NUM_THREADS: "1"}  # environment variables of the runs
     include: [parallel.yaml]     # other specs whose runs and after-steps join, cells named "<name>/<cell>"
     runs:
       - name: online             # cell name; grid values are appended: online-frac=0.25-selection=top
@@ -38,6 +40,7 @@ that crashed or was killed has none and is run again by the next invocation of t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import itertools
@@ -45,6 +48,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -55,15 +59,20 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from safeproj.callbacks.summary import SUMMARY_FILE, write_json_atomic
 
 DEFAULT_SEEDS = (0, 1, 2)
+# What a seed sets: the global seed (shuffling, dropout, random init) and the data sample, which the
+# data module draws with its own seed (without it, seeds of a run from fixed weights are identical).
+DEFAULT_SEED_KEYS = ("seed_everything", "data.seed")
 INDEX_FILE = "index.jsonl"
 AFTER_FILE = "after.json"
 RUN_LOG = "run.log"
-SPEC_KEYS = ("name", "seeds", "set", "include", "runs", "after")
+LOCK_FILE = ".sweep.lock"
+SPEC_KEYS = ("name", "seeds", "seed_keys", "set", "env", "include", "runs", "after")
 RUN_KEYS = ("name", "recipe", "configs", "set", "grid")
 CONFIG_ROOTS = ("model", "data", "trainer", "seed_everything", "optimizer", "lr_scheduler", "ckpt_path")
 # Commands an after-step may run (the analysis commands of `safeproj`, not sweep/report themselves).
@@ -113,6 +122,8 @@ class Sweep:
     cells: list[Cell]
     after: list[AfterStep]
     spec: Path
+    env: dict[str, str] = field(default_factory=dict)
+    seed_keys: list[str] = field(default_factory=lambda: list(DEFAULT_SEED_KEYS))
 
 
 def load_spec(spec: str | os.PathLike, seeds: Sequence[int] | None = None) -> Sweep:
@@ -151,6 +162,16 @@ def _load(path: Path, prefix: str, parents: tuple[Path, ...]) -> Sweep:
         raise ValueError(f"{path}: `name` must be a plain name (letters, digits, . _ - =), got {name!r}")
     seeds = _check_seeds(raw.get("seeds", list(DEFAULT_SEEDS)), f"{path}: seeds")
     common = _mapping(raw.get("set"), f"{path}: set")
+    env = raw.get("env") or {}
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, (str, int, float)) for k, v in env.items()):
+        raise ValueError(f"{path}: env must map variable names to strings, got {env!r}")
+    env = {k: str(v) for k, v in env.items()}
+    seed_keys = raw.get("seed_keys", list(DEFAULT_SEED_KEYS))
+    if not isinstance(seed_keys, list) or not seed_keys or not all(isinstance(k, str) for k in seed_keys):
+        raise ValueError(f"{path}: seed_keys must be a non-empty list of config keys, got {seed_keys!r}")
+    for key in seed_keys:
+        if key.split(".", 1)[0] not in CONFIG_ROOTS:
+            raise ValueError(f"{path}: seed_keys entry {key!r} is not a config path under {', '.join(CONFIG_ROOTS)}")
     cells: list[Cell] = []
     after: list[AfterStep] = []
     for i, item in enumerate(_list(raw.get("include"), f"{path}: include")):
@@ -163,11 +184,12 @@ def _load(path: Path, prefix: str, parents: tuple[Path, ...]) -> Sweep:
             cell.overrides = {**cell.overrides, **common}
         cells += child.cells
         after += child.after
+        env = {**child.env, **env}
     for i, run in enumerate(_list(raw.get("runs"), f"{path}: runs")):
         cells += _expand_run(run, f"{path}: runs[{i}]", path, prefix, common)
     for i, step in enumerate(_list(raw.get("after"), f"{path}: after")):
         after.append(_after_step(step, f"{path}: after[{i}]", prefix, i))
-    return Sweep(name=name, seeds=seeds, cells=cells, after=after, spec=path)
+    return Sweep(name=name, seeds=seeds, cells=cells, after=after, spec=path, env=env, seed_keys=list(seed_keys))
 
 
 def _spec_name(path: Path) -> str:
@@ -398,7 +420,9 @@ def apply_callback_override(callbacks: list[dict], key: str, value: Any, where: 
         _set_path(args, arg.split("."), value, where)
 
 
-def run_config(cell: Cell, seed: int, run_dir: Path, sweep: str) -> dict[str, Any]:
+def run_config(
+    cell: Cell, seed: int, run_dir: Path, sweep: str, seed_keys: Sequence[str] = DEFAULT_SEED_KEYS
+) -> dict[str, Any]:
     """The YAML layered after the recipe: overrides, full callback list, logger, root dir and seed."""
     where = f"cell {cell.name!r}"
     callbacks = _layered(cell, "callbacks") or []
@@ -415,7 +439,12 @@ def run_config(cell: Cell, seed: int, run_dir: Path, sweep: str) -> dict[str, An
             raise ValueError(f"{where}: set {key} through callback names or trainer.logger.<arg>, not as a whole")
         else:
             _set_path(config, key.split("."), value, where)
-    labels = {"sweep": sweep, "cell": cell.name, "recipe": cell.recipe.stem, "seed": seed}
+    for key in seed_keys:
+        if key in cell.overrides:
+            raise ValueError(f"{where}: {key} is set per seed (seed_keys); leave it out of `set` and `grid`")
+        _set_path(config, key.split("."), seed, where)
+    labels = {"sweep": sweep, "cell": cell.name, "recipe": cell.recipe.stem, "seed": seed,
+              "seed_keys": ",".join(seed_keys)}
     callbacks = [entry for entry in callbacks if not _class_matches(entry, "RunSummary")]
     callbacks.append({"class_path": KNOWN_CALLBACKS["RunSummary"], "init_args": {"labels": labels}})
     trainer = config.setdefault("trainer", {})
@@ -429,7 +458,6 @@ def run_config(cell: Cell, seed: int, run_dir: Path, sweep: str) -> dict[str, An
             args.setdefault("name", f"{sweep}/{cell.name}/seed{seed}")
             args["tags"] = list(dict.fromkeys([*(args.get("tags") or []), f"sweep:{sweep}"]))
         trainer["logger"] = logger
-    config["seed_everything"] = seed
     return config
 
 
@@ -493,8 +521,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
+def _env(sweep: Sweep) -> dict[str, str]:
+    env = {**os.environ, **sweep.env}
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -622,7 +650,7 @@ def run_sweep(
     out = Path(out_dir or Path("runs") / "sweeps" / sweep.name).resolve()
     for cell in sweep.cells:
         # Every cell's overrides are checked against its recipe before anything runs.
-        run_config(cell, sweep.seeds[0], out / cell.name / f"seed{sweep.seeds[0]}", sweep.name)
+        run_config(cell, sweep.seeds[0], out / cell.name / f"seed{sweep.seeds[0]}", sweep.name, sweep.seed_keys)
     steps = check_after(sweep)
     plan = [(cell, seed) for seed in sweep.seeds for cell in sweep.cells]
     result = SweepResult(out_dir=out, total=len(plan))
@@ -644,7 +672,21 @@ def run_sweep(
         tqdm.write(f"{len(todo)} of {len(plan)} runs to do, {result.skipped} done; nothing run (dry run)")
         return result
     out.mkdir(parents=True, exist_ok=True)
-    env = _env()
+    lock = FileLock(str(out / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ValueError(f"{out}: another sweep is running in this folder (lock {out / LOCK_FILE})") from None
+    try:
+        with _sigterm_as_interrupt():
+            _run_all(sweep, out, todo, plan, max_runs, result, steps)
+    finally:
+        lock.release()
+    return result
+
+
+def _run_all(sweep: Sweep, out: Path, todo: list, plan: list, max_runs: int | None, result: SweepResult, steps: dict) -> None:
+    env = _env(sweep)
     if todo:
         tqdm.write(f"sweep {sweep.name}: {len(plan)} runs, {result.skipped} already done -> {out}")
         _prepare(sweep, out, env)
@@ -661,7 +703,24 @@ def run_sweep(
     finally:
         bar.close()
     _run_after(sweep, out, result, steps)
-    return result
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """A SIGTERM to the sweep stops its current run too (as Ctrl-C does) instead of orphaning it."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_one(sweep: Sweep, cell: Cell, seed: int, out: Path, env: dict[str, str]) -> tuple[bool, float]:
@@ -669,7 +728,7 @@ def _run_one(sweep: Sweep, cell: Cell, seed: int, out: Path, env: dict[str, str]
     _clear_partial(run_dir)
     overrides = run_dir / "overrides" / f"{cell.recipe.stem}.yaml"
     # Named after the recipe: the CLI takes the W&B group and tag from the last config's name.
-    config = run_config(cell, seed, run_dir, sweep.name)
+    config = run_config(cell, seed, run_dir, sweep.name, sweep.seed_keys)
     overrides.parent.mkdir(parents=True, exist_ok=True)
     overrides.write_text(yaml.safe_dump(config, sort_keys=False))
     start = time.time()
@@ -705,7 +764,6 @@ def check_after(sweep: Sweep) -> dict[str, tuple[Callable[..., Any], set[str]] |
 
 def _run_after(sweep: Sweep, out: Path, result: SweepResult, steps: dict) -> None:
     """Run each after-step per seed whose cells are done, in this process (an analysis, not a run)."""
-    import contextlib
     import traceback
 
     for step in sweep.after:

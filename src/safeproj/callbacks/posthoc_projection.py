@@ -6,7 +6,7 @@ import csv
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,10 +146,13 @@ def run_variants(
     grid: SubspaceGrid,
     variants: Sequence[Variant],
     keep: str,
-    evaluators: Sequence[Callable[[object], dict]],
+    evaluators: Sequence[object],
     include_full: bool = True,
 ) -> Iterator[dict]:
-    """Yields one row per variant: its settings, the pooled energy share kept, and every evaluator's metrics."""
+    """Yields one row per variant: its settings, the pooled energy share kept, and every evaluator's metrics.
+
+    An evaluator has `evaluate(module) -> dict`; its metrics are prefixed with its `prefix` ("utility/...").
+    """
     swap = WeightVariants(targets, initial, keep)
     plan: list[Variant | None] = ([None] if include_full else []) + list(variants)
     try:
@@ -163,8 +166,9 @@ def run_variants(
                 "keep": "none" if variant is None else keep,
                 "energy_kept": share,
             }
-            for evaluate in evaluators:
-                row.update(evaluate(module))
+            for evaluator in evaluators:
+                prefix = (getattr(evaluator, "prefix", "") or type(evaluator).__name__).rstrip("/")
+                row.update({f"{prefix}/{k}": v for k, v in evaluator.evaluate(module).items()})
             yield row
     finally:
         swap.restore()
@@ -245,14 +249,15 @@ class PosthocProjection(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        # Every rank scores every variant: evaluators split their prompts across ranks and gather.
         names = [t.name for t in self._targets]
-        grid = SubspaceGrid(self._source, names, side=self.side, seed=self.seed)
-        evaluators = [cb.evaluate for cb in trainer.callbacks if callable(getattr(cb, "evaluate", None))]
+        grid = SubspaceGrid(self._source, names, side=self.side, seed=self.seed, progress=trainer.is_global_zero)
+        evaluators = [cb for cb in trainer.callbacks if callable(getattr(cb, "evaluate", None))]
         self.rows = list(
             run_variants(pl_module, self._targets, self._initial, grid, self.variants, self.keep, evaluators, self.include_full)
         )
+        if not trainer.is_global_zero:
+            return
         out = Path(self.out_dir or Path(trainer.default_root_dir) / "posthoc")
         csv_path, _ = write_rows(self.rows, out)
         from safeproj.wandb import log_table

@@ -259,7 +259,9 @@ def evaluate_gsm8k(
     exemplars = fewshot_exemplars(dataset, n_shot, seed=seed, fewshot_source=fewshot_source)
     mine = problems[rank::world_size]
     prompts = build_prompts(tokenizer, [p["question"] for p in mine], exemplars)
-    outputs = generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop=stop, desc="gsm8k", progress=progress)
+    outputs = generate(
+        model, tokenizer, prompts, max_new_tokens, batch_size, stop=stop, desc="gsm8k", progress=progress
+    )
     metric = GSM8kAccuracy(sync_on_compute=world_size > 1)
     metric.update(outputs, [p["gold"] for p in mine])
     metrics = {k: float(v) for k, v in metric.compute().items()}

@@ -1,0 +1,273 @@
+"""The sweep runner: spec checks, per-run configs, skip/resume, failures and after-steps.
+
+Runs are launched through `safeproj.analysis.sweep.launch`; here it is replaced by a function that does
+what a finished run does to its folder (a summary.json with status done), so resume logic is checked
+by counting launches without training anything. tests/analysis/test_smoke_sweep.py runs real ones.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from filelock import FileLock
+
+from safeproj.analysis import sweep as sweep_module
+from safeproj.analysis.sweep import LOCK_FILE, load_spec, run_config, run_sweep, sweep_command
+from safeproj.callbacks.summary import write_json_atomic
+from safeproj.cli import SafeprojCLI
+
+ROOT = Path(__file__).resolve().parents[2]
+MIXED = str(ROOT / "recipes" / "mixed.yaml")
+
+
+def _spec(tmp_path, **extra) -> Path:
+    spec = {
+        "name": "t",
+        "seeds": [0, 1],
+        "set": {"model.model": "tiny", "trainer.max_steps": 2, "UtilityEval.num_samples": 2},
+        "runs": [
+            {"name": "online", "recipe": MIXED,
+             "grid": {"OnlineProjection.frac": [0.25, 0.75], "OnlineProjection.selection": ["top", "random"]}},
+            {"name": "plain", "recipe": MIXED, "set": {"OnlineProjection": None}},
+        ],
+        **extra,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+class FakeRuns:
+    """Stands in for the run subprocesses: records each launch and leaves what a finished run leaves."""
+
+    def __init__(self, fail=()):
+        self.launches: list[tuple[str, int]] = []
+        self.fail = set(fail)
+
+    def __call__(self, cmd, log, env):
+        assert cmd[1:4] == ["-m", "safeproj.cli", "fit"]
+        overrides = yaml.safe_load(Path(cmd[-1]).read_text())
+        root = Path(overrides["trainer"]["default_root_dir"])
+        summary_cb = next(cb for cb in overrides["trainer"]["callbacks"] if cb["class_path"].endswith("RunSummary"))
+        labels = summary_cb["init_args"]["labels"]
+        self.launches.append((labels["cell"], labels["seed"]))
+        with open(log, "a") as handle:
+            handle.write("training\n")
+        if (labels["cell"], labels["seed"]) in self.fail:
+            return 1
+        (root / "checkpoint").mkdir(exist_ok=True)
+        write_json_atomic({"status": "done", "labels": labels, "config": overrides, "metrics": {}, "posthoc": []},
+                          root / "summary.json")
+        return 0
+
+
+@pytest.fixture
+def fake_runs(monkeypatch):
+    runs = FakeRuns()
+    monkeypatch.setattr(sweep_module, "launch", runs)
+    return runs
+
+
+def test_grid_expands_into_named_cells(tmp_path):
+    sweep = load_spec(_spec(tmp_path))
+    names = [c.name for c in sweep.cells]
+    assert names == [
+        "online-frac=0.25-selection=top", "online-frac=0.25-selection=random",
+        "online-frac=0.75-selection=top", "online-frac=0.75-selection=random", "plain",
+    ]
+    assert sweep.cells[3].overrides["OnlineProjection.frac"] == 0.75
+    assert sweep.cells[3].overrides["OnlineProjection.selection"] == "random"
+    assert sweep.cells[3].overrides["trainer.max_steps"] == 2  # the common set reaches every cell
+    assert sweep.seeds == [0, 1]
+    assert load_spec(_spec(tmp_path), seeds=[4, 5, 6]).seeds == [4, 5, 6]
+
+
+class _ParseOnly(SafeprojCLI):
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def _parsed(cell, seed, run_dir, tmp_path):
+    overrides = tmp_path / "mixed.yaml"
+    overrides.write_text(yaml.safe_dump(run_config(cell, seed, run_dir, "t")))
+    return _ParseOnly(run=False, args=["--config", str(cell.recipe), "--config", str(overrides)]).config
+
+
+def test_run_config_sets_callback_args_seed_and_folders_through_the_cli(tmp_path):
+    cell = load_spec(_spec(tmp_path)).cells[3]
+    config = _parsed(cell, 1, tmp_path / "run", tmp_path)
+    classes = [cb.class_path.rsplit(".", 1)[-1] for cb in config.trainer.callbacks]
+    assert classes == ["OnlineProjection", "UtilityEval", "HarmEval", "RunSummary"]
+    online = config.trainer.callbacks[0].init_args
+    assert (online.frac, online.selection, online.keep, online["on"]) == (0.75, "random", "orthogonal", "update")
+    assert config.trainer.callbacks[1].init_args.num_samples == 2
+    labels = config.trainer.callbacks[3].init_args.labels
+    assert labels["cell"] == cell.name and labels["seed"] == 1 and labels["recipe"] == "mixed"
+    assert config.seed_everything == 1 and config.data.seed == 1
+    assert config.trainer.default_root_dir == str(tmp_path / "run")
+    assert config.trainer.logger.init_args.save_dir == str(tmp_path / "run")
+    assert config.model.model == "tiny" and config.trainer.max_steps == 2
+
+
+def test_callbacks_are_removed_and_added(tmp_path):
+    sweep = load_spec(_spec(tmp_path))
+    plain = _parsed(sweep.cells[4], 0, tmp_path / "run", tmp_path)
+    assert [cb.class_path.rsplit(".", 1)[-1] for cb in plain.trainer.callbacks] == ["UtilityEval", "HarmEval", "RunSummary"]
+    cell = sweep.cells[4]
+    cell.overrides = {**cell.overrides, "PosthocProjection": {"subspace": "safety", "fracs": [0.5]},
+                      "PosthocProjection.keep": "orthogonal"}
+    added = _parsed(cell, 0, tmp_path / "run", tmp_path).trainer.callbacks
+    posthoc = next(cb for cb in added if cb.class_path.endswith("PosthocProjection")).init_args
+    assert (posthoc.subspace, posthoc.fracs, posthoc.keep) == ("safety", [0.5], "orthogonal")
+
+
+def test_resume_runs_only_what_is_not_done(tmp_path, fake_runs):
+    spec, out = _spec(tmp_path), tmp_path / "out"
+    first = run_sweep(spec, out, max_runs=3)  # stopped after three runs, as a killed sweep would be
+    assert len(fake_runs.launches) == 3 and first.skipped == 0
+    done = {p.parent: p.stat().st_mtime_ns for p in out.rglob("summary.json")}
+    assert len(done) == 3
+
+    second = run_sweep(spec, out)
+    assert second.skipped == 3 and len(second.ran) == 7
+    assert len(fake_runs.launches) == 10 and len(set(fake_runs.launches)) == 10  # nothing ran twice
+    assert all(p.joinpath("summary.json").stat().st_mtime_ns == t for p, t in done.items())
+
+    # A crash mid-run leaves a folder without summary.json: only that run starts over.
+    crashed = out / "plain" / "seed1"
+    (crashed / "summary.json").unlink()
+    (crashed / "partial.bin").write_bytes(b"half")
+    third = run_sweep(spec, out)
+    assert fake_runs.launches[10:] == [("plain", 1)] and third.skipped == 9
+    assert not (crashed / "partial.bin").exists()
+    assert (crashed / "run.log.1").read_text().count("training") == 1  # the crashed attempt's log is kept
+    assert (crashed / "checkpoint").is_dir() and json.loads((crashed / "summary.json").read_text())["status"] == "done"
+
+    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert len(index) == 11 and {r["kind"] for r in index} == {"run"}
+    assert index[-1]["cell"] == "plain" and index[-1]["seed"] == 1
+
+    run_sweep(spec, out)
+    assert len(fake_runs.launches) == 11  # all done: nothing launched
+
+
+def test_failed_run_is_reported_and_retried(tmp_path, monkeypatch):
+    runs = FakeRuns(fail={("plain", 0)})
+    monkeypatch.setattr(sweep_module, "launch", runs)
+    spec, out = _spec(tmp_path), tmp_path / "out"
+    with pytest.raises(SystemExit, match="1 failed.*plain seed0"):
+        sweep_command(str(spec), str(out))
+    assert not (out / "plain" / "seed0" / "summary.json").exists()
+    assert len(runs.launches) == 10  # the other runs went on
+    runs.fail.clear()
+    result = sweep_command(str(spec), str(out))
+    assert result == {"out_dir": str(out.resolve()), "total": 10, "skipped": 9, "ran": 1, "failed": 0}
+    assert runs.launches[-1] == ("plain", 0)
+
+
+def test_dry_run_plans_without_writing(tmp_path, fake_runs):
+    out = tmp_path / "out"
+    result = run_sweep(_spec(tmp_path), out, dry_run=True)
+    assert len(result.planned) == 10 and not out.exists() and not fake_runs.launches
+    assert all(cmd[-2] == "--config" and cmd[-1].endswith("mixed.yaml") for cmd in result.planned)
+
+
+def test_a_running_sweep_holds_its_folder(tmp_path, fake_runs):
+    out = tmp_path / "out"
+    out.mkdir()
+    with FileLock(str(out / LOCK_FILE)):
+        with pytest.raises(ValueError, match="another sweep is running"):
+            run_sweep(_spec(tmp_path), out)
+    assert not fake_runs.launches
+
+
+def test_after_steps_fill_placeholders_once_per_seed(tmp_path, fake_runs, monkeypatch):
+    calls = []
+
+    def overlap(a: str, b: str, etas: list[float] = (0.5,), out_dir: str = "x"):
+        calls.append((a, b, list(etas), out_dir))
+        Path(out_dir, "mso.json").write_text("[]")
+
+    monkeypatch.setattr(sweep_module, "after_function", lambda command: overlap if command == "overlap" else None)
+    after = [{"name": "pair", "overlap": {"a": "{plain}/checkpoint", "b": "{online-frac=0.25-selection=top}/checkpoint",
+                                          "etas": [0.3]}},
+             {"name": "other", "eval": {"run": "{plain}"}}]
+    spec, out = _spec(tmp_path, after=after), (tmp_path / "out").resolve()
+    result = run_sweep(spec, out)
+    assert [c[0] for c in calls] == [f"{out}/plain/seed0/checkpoint", f"{out}/plain/seed1/checkpoint"]
+    assert calls[1][1] == f"{out}/online-frac=0.25-selection=top/seed1/checkpoint"
+    assert calls[0][3] == str(out / "after" / "pair" / "seed0") and calls[0][2] == [0.3]
+    assert result.after_ran == ["pair seed0", "pair seed1"]
+    assert json.loads((out / "after" / "pair" / "seed1" / "after.json").read_text())["status"] == "done"
+    run_sweep(spec, out)  # done steps are not repeated
+    assert len(calls) == 2
+
+
+def test_included_specs_prefix_cells_and_their_after_steps(tmp_path, fake_runs):
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({
+        "name": "kid", "runs": [{"name": "a", "recipe": MIXED}],
+        "after": [{"name": "p", "overlap": {"a": "{a}/checkpoint", "b": "safety:tiny"}}],
+    }))
+    parent = tmp_path / "parent.yaml"
+    parent.write_text(yaml.safe_dump({"name": "all", "seeds": [3], "include": ["child.yaml"],
+                                      "set": {"trainer.max_steps": 1}}))
+    sweep = load_spec(parent)
+    assert [c.name for c in sweep.cells] == ["kid/a"] and sweep.seeds == [3]
+    assert sweep.cells[0].overrides["trainer.max_steps"] == 1
+    assert sweep.after[0].name == "kid/p" and sweep.after[0].cells == ["kid/a"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"bogus": 1}, "unknown key 'bogus'"),
+        ({"seeds": [0, 0]}, "seeds repeat"),
+        ({"seeds": "0"}, "seeds"),
+        ({"runs": [{"recipe": "no-such-recipe"}]}, r"runs\[0\].recipe"),
+        ({"runs": [{"recipe": MIXED, "grid": {"model.lr": 0.1}}]}, r"grid.model.lr"),
+        ({"runs": [{"recipe": MIXED, "set": {"lr": 0.1}}]}, "unknown key 'lr'"),
+        ({"runs": [{"recipe": MIXED, "colour": 1}]}, "unknown key 'colour'"),
+        ({"after": [{"overlap": {"a": "{nope}/checkpoint", "b": "x"}}]}, r"\{nope\}"),
+        ({"after": [{"sweep": {}}]}, "exactly one command"),
+        ({"seed_keys": ["foo"]}, "seed_keys entry 'foo'"),
+    ],
+)
+def test_bad_spec_is_one_line_naming_the_key(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message) as err:
+        load_spec(_spec(tmp_path, **change))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"SafeLoRA.rank": 2}, "not among the run's callbacks"),
+        ({"NoSuchCallback": {"x": 1}}, "not in the recipe's callbacks"),
+        ({"UtilityEval": 3}, "takes a mapping"),
+        ({"trainer.max_steps.x": 1}, "trainer.max_steps is 2"),
+        ({"data.seed": 5}, "set per seed"),
+    ],
+)
+def test_overrides_that_do_not_fit_the_recipe_fail_before_any_run(tmp_path, fake_runs, override, message):
+    spec = _spec(tmp_path)
+    raw = yaml.safe_load(spec.read_text())
+    raw["runs"][1]["set"].update(override)
+    spec.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=message):
+        run_sweep(spec, tmp_path / "out")
+    assert not fake_runs.launches
+
+
+def test_shipped_sweep_specs_load_and_fit_their_recipes(tmp_path):
+    specs = sorted((ROOT / "recipes" / "sweeps").glob("*.yaml"))
+    assert {p.stem for p in specs} >= {"parallel", "orthogonal", "overlap", "activations", "smoke", "default"}
+    for path in specs:
+        sweep = load_spec(path)
+        assert len(sweep.seeds) >= 2 and sweep.cells
+        for cell in sweep.cells:
+            run_config(cell, sweep.seeds[0], tmp_path / cell.name, sweep.name, sweep.seed_keys)
+    # The paper's grid: 5 fracs × 3 selections online, and an unprojected run with the post hoc grid.
+    orthogonal = load_spec(ROOT / "recipes" / "sweeps" / "orthogonal.yaml")
+    assert len(orthogonal.cells) == 16 and len(orthogonal.seeds) >= 3
