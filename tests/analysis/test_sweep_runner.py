@@ -13,7 +13,7 @@ import yaml
 from filelock import FileLock
 
 from safeproj.analysis import sweep as sweep_module
-from safeproj.analysis.sweep import LOCK_FILE, load_spec, run_config, run_sweep, sweep_command
+from safeproj.analysis.sweep import LOCK_FILE, check_cell, load_spec, run_config, run_sweep, sweep_command
 from safeproj.callbacks.summary import write_json_atomic
 from safeproj.cli import SafeprojCLI
 
@@ -104,7 +104,7 @@ def test_run_config_sets_callback_args_seed_and_folders_through_the_cli(tmp_path
     assert config.trainer.callbacks[1].init_args.num_samples == 2
     labels = config.trainer.callbacks[3].init_args.labels
     assert labels["cell"] == cell.name and labels["seed"] == 1 and labels["recipe"] == "mixed"
-    assert config.seed_everything == 1 and config.data.seed == 1
+    assert config.seed_everything == 1 and config.data.seed == 1 and config.model.seed == 1
     assert config.trainer.default_root_dir == str(tmp_path / "run")
     assert config.trainer.logger.init_args.save_dir == str(tmp_path / "run")
     assert config.model.model == "tiny" and config.trainer.max_steps == 2
@@ -185,19 +185,20 @@ def test_a_running_sweep_holds_its_folder(tmp_path, fake_runs):
 def test_after_steps_fill_placeholders_once_per_seed(tmp_path, fake_runs, monkeypatch):
     calls = []
 
-    def overlap(a: str, b: str, etas: list[float] = (0.5,), out_dir: str = "x"):
-        calls.append((a, b, list(etas), out_dir))
+    def overlap(a: str, b: str, etas: list[float] = (0.5,), out_dir: str = "x", cache_dir: str | None = None):
+        calls.append((a, b, list(etas), out_dir, cache_dir))
         Path(out_dir, "mso.json").write_text("[]")
 
     monkeypatch.setattr(sweep_module, "after_function", lambda command: overlap if command == "overlap" else None)
     after = [{"name": "pair", "overlap": {"a": "{plain}/checkpoint", "b": "{online-frac=0.25-selection=top}/checkpoint",
-                                          "etas": [0.3]}},
+                                          "etas": [0.3], "cache_dir": "{out_dir}/spectra-{seed}"}},
              {"name": "other", "eval": {"run": "{plain}"}}]
     spec, out = _spec(tmp_path, after=after), (tmp_path / "out").resolve()
     result = run_sweep(spec, out)
     assert [c[0] for c in calls] == [f"{out}/plain/seed0/checkpoint", f"{out}/plain/seed1/checkpoint"]
     assert calls[1][1] == f"{out}/online-frac=0.25-selection=top/seed1/checkpoint"
     assert calls[0][3] == str(out / "after" / "pair" / "seed0") and calls[0][2] == [0.3]
+    assert [c[4] for c in calls] == [f"{out}/spectra-0", f"{out}/spectra-1"]
     assert result.after_ran == ["pair seed0", "pair seed1"]
     assert json.loads((out / "after" / "pair" / "seed1" / "after.json").read_text())["status"] == "done"
     run_sweep(spec, out)  # done steps are not repeated
@@ -248,6 +249,8 @@ def test_bad_spec_is_one_line_naming_the_key(tmp_path, change, message):
         ({"UtilityEval": 3}, "takes a mapping"),
         ({"trainer.max_steps.x": 1}, "trainer.max_steps is 2"),
         ({"data.seed": 5}, "set per seed"),
+        ({"UtilityEval.num_sample": 5}, "cell 'plain': its config does not parse: .*'num_sample' is not accepted"),
+        ({"model.lrr": 0.1}, "cell 'plain': its config does not parse: .*'lrr'"),
     ],
 )
 def test_overrides_that_do_not_fit_the_recipe_fail_before_any_run(tmp_path, fake_runs, override, message):
@@ -267,7 +270,30 @@ def test_shipped_sweep_specs_load_and_fit_their_recipes(tmp_path):
         sweep = load_spec(path)
         assert len(sweep.seeds) >= 2 and sweep.cells
         for cell in sweep.cells:
-            run_config(cell, sweep.seeds[0], tmp_path / cell.name, sweep.name, sweep.seed_keys)
+            check_cell(cell, sweep, tmp_path)  # parsed by the CLI as its runs will be
     # The paper's grid: 5 fracs × 3 selections online, and an unprojected run with the post hoc grid.
     orthogonal = load_spec(ROOT / "recipes" / "sweeps" / "orthogonal.yaml")
     assert len(orthogonal.cells) == 16 and len(orthogonal.seeds) >= 3
+
+
+def test_launch_streams_output_to_the_log_and_returns_the_exit_code(tmp_path):
+    import sys
+
+    log = tmp_path / "run.log"
+    code = sweep_module.launch([sys.executable, "-c", "print('step 1'); raise SystemExit(3)"], log, {})
+    assert code == 3
+    text = log.read_text()
+    assert text.startswith("$ ") and "step 1" in text
+
+
+def test_sigterm_stops_the_sweep_like_ctrl_c():
+    import os
+    import signal
+    import time
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with sweep_module._sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this at once
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -333,29 +333,34 @@ def _metric_lists(runs: Sequence[Run], getter) -> dict[str, list[float | None]]:
     return {name: [getter(r).get(name) for r in runs] for name in names}
 
 
+def _variant(run: Run, point: tuple[str, float] | None) -> dict[str, Any]:
+    """A run's post hoc row at (selection, frac), or its "full" row for None; {} when it has none."""
+    for row in run.posthoc:
+        if point is None and row.get("variant") == "full":
+            return row
+        if point is not None and row.get("variant") != "full" and row.get("frac") is not None \
+                and (row.get("selection"), float(row["frac"])) == point:
+            return row
+    return {}
+
+
 def posthoc_tables(cells: dict[str, list[Run]]) -> list[Table]:
+    """One table per cell with post hoc rows: every (selection, frac) variant, the full model as reference."""
     tables = []
     for label, runs in cells.items():
         if not any(r.posthoc for r in runs):
             continue
-        keeps = sorted({row["keep"] for r in runs for row in r.posthoc if row.get("keep") not in (None, "none")})
-        values: dict[tuple[str, float], dict[str, list[float | None]]] = {}
-        points = sorted({(row["selection"], float(row["frac"])) for r in runs for row in r.posthoc
+        rows = [row for r in runs for row in r.posthoc]
+        keeps = sorted({row["keep"] for row in rows if row.get("keep") not in (None, "none")})
+        points = sorted({(row["selection"], float(row["frac"])) for row in rows
                          if row.get("variant") != "full" and row.get("frac") is not None})
-        for point in points:
-            def getter(run, point=point):
-                row = next((x for x in run.posthoc if x.get("variant") != "full"
-                            and (x["selection"], float(x["frac"])) == point), {})
-                return {k: v for k, v in row.items() if "/" in k}
-            values[point] = {**_metric_lists(runs, getter), "energy_kept": [
-                next((x.get("energy_kept") for x in r.posthoc if x.get("variant") != "full"
-                      and (x["selection"], float(x["frac"])) == point), None) for r in runs]}
-
-        def full(run):
-            row = next((x for x in run.posthoc if x.get("variant") == "full"), {})
-            return {k: v for k, v in row.items() if "/" in k}
-
-        reference = _metric_lists(runs, full) if any(x.get("variant") == "full" for r in runs for x in r.posthoc) else None
+        values = {
+            point: {**_metric_lists(runs, lambda r, p=point: _variant(r, p)),
+                    "energy_kept": [_variant(r, point).get("energy_kept") for r in runs]}
+            for point in points
+        }
+        has_full = any(row.get("variant") == "full" for row in rows)
+        reference = _metric_lists(runs, lambda r: _variant(r, None)) if has_full else None
         keep = "/".join(keeps) or "parallel"
         tables.append(Table(title=f"{label}: post hoc ({keep})", slug=_slug(f"posthoc_{label}"), kind="posthoc",
                             values=values, reference=reference, reference_label="full fine-tuning (no projection)"))
@@ -462,7 +467,8 @@ def overview_rows(cells: dict[str, list[Run]], metrics: Sequence[str], n_boot: i
 
 def mso_summary(results: Sequence[MsoResult], n_boot: int) -> dict[str, dict[float, dict[str, Stat]]]:
     """Per pair label and η: model-mean MSO and baseline (mean over tensors per seed, then over seeds)."""
-    per_seed: dict[str, dict[float, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    # label -> η -> "mso"/"baseline" -> one model mean per seed
+    per_seed: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for result in results:
         by_eta: dict[float, list[dict]] = defaultdict(list)
         for row in result.rows:
@@ -493,7 +499,8 @@ def activation_rows(cells: dict[str, list[Run]], n_boot: int) -> list[list[str]]
         for (layer, metric), parts in sorted(grouped.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             if metric.startswith("mso_") and "@" in metric and float(metric.rpartition("@")[2]) != keep_eta:
                 continue  # one η in the table; analysis.json beside each run has them all
-            rows.append([label, str(layer), metric, *(summarize(parts[p], n_boot).cell() for p in ("first", "last", "change"))])
+            stats = [summarize(parts[p], n_boot).cell() for p in ("first", "last", "change")]
+            rows.append([label, str(layer), metric, *stats])
     return rows
 
 
@@ -605,8 +612,9 @@ def plot_mso(summary: dict[str, dict[float, dict[str, Stat]]], path: Path) -> Pa
         base = [etas[e]["baseline"] for e in xs]
         ax.plot(xs, [s.mean for s in mso], marker="o", markersize=3, color=f"C{i}", label=label)
         if any(s.n > 1 for s in mso):
-            ax.fill_between(xs, [s.low if s.n > 1 else s.mean for s in mso], [s.high if s.n > 1 else s.mean for s in mso],
-                            color=f"C{i}", alpha=0.2)
+            low = [s.low if s.n > 1 else s.mean for s in mso]
+            high = [s.high if s.n > 1 else s.mean for s in mso]
+            ax.fill_between(xs, low, high, color=f"C{i}", alpha=0.2)
         ax.plot(xs, [s.mean for s in base], linestyle="--", color=f"C{i}", linewidth=1, alpha=0.8)
     ax.plot([], [], linestyle="--", color="gray", label="random baseline (dashed)")
     ax.set_xlabel("energy share η")

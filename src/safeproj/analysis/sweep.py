@@ -4,10 +4,10 @@ A sweep spec is a YAML file (see recipes/sweeps/):
 
     name: orthogonal             # default: the file's stem; out_dir defaults to runs/sweeps/<name>
     seeds: [0, 1, 2]             # one run per seed and cell
-    seed_keys: [seed_everything, data.seed]   # config keys set to the seed (this is the default)
+    seed_keys: [seed_everything, data.seed, model.seed]   # config keys set to the seed (the default)
     set: {trainer.max_steps: 30} # overrides for every run
     env: {OMP_NUM_THREADS: "1"}  # environment variables of the runs
-    include: [parallel.yaml]     # other specs whose runs and after-steps join, cells named "<name>/<cell>"
+    include: [parallel.yaml]     # specs whose runs and after-steps join as "<name>/<cell>" (with these seeds)
     runs:
       - name: online             # cell name; grid values are appended: online-frac=0.25-selection=top
         recipe: mixed            # recipes/<recipe>.yaml, or a path to a LightningCLI config
@@ -25,10 +25,11 @@ in the sweep's own process, with `{cell}` replaced by that cell's run folder for
 `{out_dir}` filled in, and `out_dir` defaulting to `out_dir/after/<name>/seed<k>/`; a step whose command
 is not available is skipped with a note. A step is done when its `after.json` exists.
 
-Override keys are dotted config paths (`model.lr`, `data.num_samples`, `trainer.max_steps`,
-`seed_everything`) or name a callback of `trainer.callbacks` by its class name (or class path):
-`UtilityEval.num_samples: 8` sets one init arg, `PosthocProjection: {subspace: safety, ...}` adds the
-callback (or merges init args into it), `OnlineProjection: null` removes it. The merged callback list
+Override keys are dotted config paths (`model.lr`, `data.num_samples`, `trainer.max_steps`) or name a
+callback of `trainer.callbacks` by its class name (or class path): `UtilityEval.num_samples: 8` sets
+one init arg, `PosthocProjection: {subspace: safety, ...}` adds the callback (or merges init args into
+it), `OnlineProjection: null` removes it. An init arg set in a spec-level `set` applies to the runs
+that have that callback; in a run's own `set` or `grid` the callback must be there. The merged callback list
 and logger are written, with the other overrides, to a small YAML file per run that is layered after
 the recipe with `--config`, so callback init args never depend on how a command line edits lists.
 
@@ -65,11 +66,14 @@ from tqdm.auto import tqdm
 from safeproj.callbacks.summary import SUMMARY_FILE, write_json_atomic
 
 DEFAULT_SEEDS = (0, 1, 2)
-# What a seed sets: the global seed (shuffling, dropout, random init) and the data sample, which the
-# data module draws with its own seed (without it, seeds of a run from fixed weights are identical).
-DEFAULT_SEED_KEYS = ("seed_everything", "data.seed")
+# What a seed sets: the global seed (dropout, random init), the data sample and order, which the data
+# module draws with its own seed (without it, runs from fixed weights are identical across seeds), and
+# the model's seed, which only the in-code `tiny` preset uses but Lightning requires to equal the data
+# module's when it merges their hyperparameters.
+DEFAULT_SEED_KEYS = ("seed_everything", "data.seed", "model.seed")
 INDEX_FILE = "index.jsonl"
 AFTER_FILE = "after.json"
+AFTER_DIR = "after"
 RUN_LOG = "run.log"
 LOCK_FILE = ".sweep.lock"
 SPEC_KEYS = ("name", "seeds", "seed_keys", "set", "env", "include", "runs", "after")
@@ -102,6 +106,8 @@ class Cell:
     recipe: Path
     configs: list[Path]
     overrides: dict[str, Any]
+    # Keys from a spec-level `set`: a callback init arg there applies only to runs that have the callback.
+    shared: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -140,6 +146,9 @@ def load_spec(spec: str | os.PathLike, seeds: Sequence[int] | None = None) -> Sw
         raise ValueError(f"{path}: cell name {duplicates[0]!r} appears twice; give the runs distinct `name`s")
     if not sweep.cells:
         raise ValueError(f"{path}: `runs` is empty (and no included spec has runs)")
+    reserved = [n for n in names if n.split("/")[0] == AFTER_DIR or n.startswith(".")]
+    if reserved:
+        raise ValueError(f"{path}: cell name {reserved[0]!r} is reserved (after-step outputs go to {AFTER_DIR}/)")
     for step in sweep.after:
         step.cells = _referenced_cells(step, set(names), path)
     return sweep
@@ -163,7 +172,8 @@ def _load(path: Path, prefix: str, parents: tuple[Path, ...]) -> Sweep:
     seeds = _check_seeds(raw.get("seeds", list(DEFAULT_SEEDS)), f"{path}: seeds")
     common = _mapping(raw.get("set"), f"{path}: set")
     env = raw.get("env") or {}
-    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, (str, int, float)) for k, v in env.items()):
+    plain = isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, (str, int, float)) for k, v in env.items())
+    if not plain:
         raise ValueError(f"{path}: env must map variable names to strings, got {env!r}")
     env = {k: str(v) for k, v in env.items()}
     seed_keys = raw.get("seed_keys", list(DEFAULT_SEED_KEYS))
@@ -182,6 +192,7 @@ def _load(path: Path, prefix: str, parents: tuple[Path, ...]) -> Sweep:
         for cell in child.cells:
             # The including spec's `set` applies on top of the included one's (e.g. smaller sizes).
             cell.overrides = {**cell.overrides, **common}
+            cell.shared |= set(common)
         cells += child.cells
         after += child.after
         env = {**child.env, **env}
@@ -291,7 +302,9 @@ def _expand_run(run: Any, where: str, spec: Path, prefix: str, common: dict[str,
     for combo in itertools.product(*grid.values()) if grid else [()]:
         chosen = dict(zip(grid, combo))
         suffix = "".join(f"-{key.rsplit('.', 1)[-1]}={_label(value)}" for key, value in chosen.items())
-        cells.append(Cell(name=f"{prefix}{name}{suffix}", recipe=recipe, configs=list(configs), overrides={**base, **chosen}))
+        shared = {k for k in common if k not in (run.get("set") or {}) and k not in chosen}
+        cells.append(Cell(name=f"{prefix}{name}{suffix}", recipe=recipe, configs=list(configs),
+                          overrides={**base, **chosen}, shared=shared))
     return cells
 
 
@@ -312,7 +325,10 @@ def _after_step(step: Any, where: str, prefix: str, index: int) -> AfterStep:
         raise ValueError(f"{where}: expected a mapping like {{overlap: {{a: ..., b: ...}}}}, got {step!r}")
     commands = [k for k in step if k != "name"]
     if len(commands) != 1 or commands[0] not in AFTER_COMMANDS:
-        raise ValueError(f"{where}: expected exactly one command of {', '.join(AFTER_COMMANDS)} (and an optional name), got {sorted(step)}")
+        raise ValueError(
+            f"{where}: expected exactly one command of {', '.join(AFTER_COMMANDS)} (and an optional name), "
+            f"got {sorted(step)}"
+        )
     command = commands[0]
     args = step[command]
     if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
@@ -340,7 +356,9 @@ def _referenced_cells(step: AfterStep, names: set[str], spec: Path) -> list[str]
             continue
         cell = _scoped(placeholder, step.scope, names)
         if cell is None:
-            raise ValueError(f"{spec}: after step {step.name!r} names {{{placeholder}}}, which is not a cell of the sweep")
+            raise ValueError(
+                f"{spec}: after step {step.name!r} names {{{placeholder}}}, which is not a cell of the sweep"
+            )
         cells.append(cell)
     return list(dict.fromkeys(cells))
 
@@ -390,10 +408,15 @@ def _set_path(tree: dict, keys: list[str], value: Any, where: str) -> None:
     node[keys[-1]] = copy.deepcopy(value)
 
 
-def apply_callback_override(callbacks: list[dict], key: str, value: Any, where: str) -> None:
-    """Edit a `trainer.callbacks` list in place for one `Class[.arg]` override."""
+def apply_callback_override(callbacks: list[dict], key: str, value: Any, where: str, shared: bool = False) -> None:
+    """Edit a `trainer.callbacks` list in place for one `Class[.arg]` override.
+
+    A `shared` init-arg override (from a spec-level `set`) leaves runs without that callback alone.
+    """
     ref, arg = _callback_ref(key)
     matches = [entry for entry in callbacks if _class_matches(entry, ref)]
+    if shared and arg is not None and not matches:
+        return
     if arg is None:
         if value is None:
             callbacks[:] = [entry for entry in callbacks if not _class_matches(entry, ref)]
@@ -404,7 +427,8 @@ def apply_callback_override(callbacks: list[dict], key: str, value: Any, where: 
             class_path = ref if "." in ref else KNOWN_CALLBACKS.get(ref)
             if class_path is None:
                 raise ValueError(
-                    f"{where}: {key} is not in the recipe's callbacks; add it by class path or use one of {', '.join(KNOWN_CALLBACKS)}"
+                    f"{where}: {key} is not in the recipe's callbacks; add it by class path "
+                    f"or use one of {', '.join(KNOWN_CALLBACKS)}"
                 )
             callbacks.append({"class_path": class_path, "init_args": {}})
             matches = callbacks[-1:]
@@ -432,7 +456,7 @@ def run_config(
     config: dict[str, Any] = {}
     for key, value in cell.overrides.items():
         if _callback_ref(key)[0] is not None:
-            apply_callback_override(callbacks, key, value, where)
+            apply_callback_override(callbacks, key, value, where, shared=key in cell.shared)
         elif key.startswith("trainer.logger.") and isinstance(logger, dict):
             _set_path(logger, key.split(".")[2:], value, where)
         elif key in ("trainer.callbacks", "trainer.logger"):
@@ -459,6 +483,42 @@ def run_config(
             args["tags"] = list(dict.fromkeys([*(args.get("tags") or []), f"sweep:{sweep}"]))
         trainer["logger"] = logger
     return config
+
+
+def check_cell(cell: Cell, sweep: Sweep, out: Path) -> None:
+    """Parse a cell's layered config with the CLI's parser, building nothing; ValueError naming the cell."""
+    import io
+    import tempfile
+
+    from safeproj.cli import SafeprojCLI
+
+    class ParseOnly(SafeprojCLI):
+        def instantiate_classes(self) -> None:
+            pass
+
+    seed = sweep.seeds[0]
+    config = run_config(cell, seed, out / cell.name / f"seed{seed}", sweep.name, sweep.seed_keys)
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = Path(tmp) / f"{cell.recipe.stem}.yaml"
+        overrides.write_text(yaml.safe_dump(config, sort_keys=False))
+        args = [arg for path in (cell.recipe, *cell.configs, overrides) for arg in ("--config", str(path))]
+        errors = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
+                ParseOnly(run=False, args=args)
+        except SystemExit:
+            raise ValueError(f"cell {cell.name!r}: its config does not parse: {_parse_error(errors.getvalue())}") from None
+
+
+def _parse_error(text: str) -> str:
+    """The gist of a jsonargparse error: its `error:` line and the most specific reason under it."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    start = next((i for i, line in enumerate(lines) if line.startswith("error:")), None)
+    if start is None:
+        return lines[-1] if lines else "unknown error"
+    specific = re.compile(r"not accepted|No action|does not exist|Expected a|invalid|must be|unknown", re.IGNORECASE)
+    detail = next((line for line in lines[start + 1:] if specific.search(line)), "")
+    return f"{lines[start].removeprefix('error:').strip()} {detail}".strip()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,7 +677,9 @@ def after_function(command: str) -> Callable[..., Any] | None:
         return None
 
 
-def after_arguments(step: AfterStep, seed: int, step_dir: Path, sweep_out: Path, parameters: set[str]) -> dict[str, Any]:
+def after_arguments(
+    step: AfterStep, seed: int, step_dir: Path, sweep_out: Path, parameters: set[str]
+) -> dict[str, Any]:
     args = {k: fill_placeholders(v, step, seed, sweep_out) for k, v in step.args.items()}
     if "out_dir" in parameters:
         args.setdefault("out_dir", str(step_dir))
@@ -648,14 +710,14 @@ def run_sweep(
     if max_runs is not None and (isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 0):
         raise ValueError(f"max_runs must be a non-negative integer, got {max_runs!r}")
     out = Path(out_dir or Path("runs") / "sweeps" / sweep.name).resolve()
-    for cell in sweep.cells:
-        # Every cell's overrides are checked against its recipe before anything runs.
-        run_config(cell, sweep.seeds[0], out / cell.name / f"seed{sweep.seeds[0]}", sweep.name, sweep.seed_keys)
     steps = check_after(sweep)
     plan = [(cell, seed) for seed in sweep.seeds for cell in sweep.cells]
     result = SweepResult(out_dir=out, total=len(plan))
     todo = [(cell, seed) for cell, seed in plan if not is_done(out / cell.name / f"seed{seed}")]
     result.skipped = len(plan) - len(todo)
+    # Every cell still to run is parsed as its runs will be, so a typo fails now, not hours in.
+    for cell in dict.fromkeys(cell.name for cell, _ in todo):
+        check_cell(next(c for c in sweep.cells if c.name == cell), sweep, out)
     if dry_run:
         for cell in sweep.cells:
             seeds_todo = [seed for c, seed in todo if c is cell]
@@ -663,10 +725,11 @@ def run_sweep(
                 run_dir = out / cell.name / f"seed{seed}"
                 result.planned.append(fit_command(cell, run_dir, run_dir / "overrides" / f"{cell.recipe.stem}.yaml"))
             if seeds_todo:
-                tqdm.write(f"would run {cell.name} seeds {seeds_todo}: {cell.recipe.name} + {json.dumps(cell.overrides, default=str)}")
+                overrides = json.dumps(cell.overrides, default=str)
+                tqdm.write(f"would run {cell.name} seeds {seeds_todo}: {cell.recipe.name} + {overrides}")
         for step in sweep.after:
             for seed in sweep.seeds:
-                args = after_arguments(step, seed, out / "after" / step.name / f"seed{seed}", out, {"out_dir"})
+                args = after_arguments(step, seed, out / AFTER_DIR / step.name / f"seed{seed}", out, {"out_dir"})
                 result.planned.append([step.command, json.dumps(args)])
                 tqdm.write(f"would run after-step {step.name} seed{seed}: {step.command}({json.dumps(args)})")
         tqdm.write(f"{len(todo)} of {len(plan)} runs to do, {result.skipped} done; nothing run (dry run)")
@@ -685,7 +748,9 @@ def run_sweep(
     return result
 
 
-def _run_all(sweep: Sweep, out: Path, todo: list, plan: list, max_runs: int | None, result: SweepResult, steps: dict) -> None:
+def _run_all(
+    sweep: Sweep, out: Path, todo: list, plan: list, max_runs: int | None, result: SweepResult, steps: dict
+) -> None:
     env = _env(sweep)
     if todo:
         tqdm.write(f"sweep {sweep.name}: {len(plan)} runs, {result.skipped} already done -> {out}")
@@ -773,7 +838,7 @@ def _run_after(sweep: Sweep, out: Path, result: SweepResult, steps: dict) -> Non
         function, parameters = steps[step.name]
         for seed in sweep.seeds:
             label = f"{step.name} seed{seed}"
-            step_dir = out / "after" / step.name / f"seed{seed}"
+            step_dir = out / AFTER_DIR / step.name / f"seed{seed}"
             if (step_dir / AFTER_FILE).is_file():
                 result.after_skipped.append(label)
                 continue

@@ -104,11 +104,15 @@ class RunSummary(Callback):
 
     def __init__(self, filename: str = SUMMARY_FILE, labels: dict[str, Any] | None = None) -> None:
         if not isinstance(filename, str) or not filename.endswith(".json") or Path(filename).name != filename:
-            raise MisconfigurationException(f"RunSummary filename={filename!r}: expected a plain file name ending in .json")
+            raise MisconfigurationException(
+                f"RunSummary filename={filename!r}: expected a plain file name ending in .json"
+            )
         labels = dict(labels or {})
         for key, value in labels.items():
             if not isinstance(key, str) or not (value is None or isinstance(value, (str, int, float, bool))):
-                raise MisconfigurationException(f"RunSummary labels[{key!r}]={value!r}: expected a plain string or number")
+                raise MisconfigurationException(
+                    f"RunSummary labels[{key!r}]={value!r}: expected a plain string or number"
+                )
         self.filename = filename
         self.labels = labels
         self.path: Path | None = None
@@ -174,6 +178,7 @@ class RunSummary(Callback):
 
     @staticmethod
     def _posthoc_rows(trainer: Trainer) -> list[dict[str, Any]]:
+        # Matched by name: importing the projection callback here would tie this light module to it.
         for cb in trainer.callbacks:
             if type(cb).__name__ == "PosthocProjection" and getattr(cb, "rows", None):
                 return [plain_row(row) for row in cb.rows]
