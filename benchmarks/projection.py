@@ -163,6 +163,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/projection.json")
     parser.add_argument("--quick", action="store_true", help="tiny model only")
+    parser.add_argument("--fracs", type=float, nargs="+", default=[0.01, 0.25, 0.5, 0.99], help="fracs for step timing")
+    parser.add_argument("--size-fracs", type=float, nargs="+", default=[0.01, 0.25, 0.5, 0.75, 0.99])
     args = parser.parse_args()
     torch.manual_seed(0)
     models = ["tiny"]
@@ -179,13 +181,13 @@ def main() -> None:
         tmp = Path(d)
         for name in models:
             big = name != "tiny"
-            for frac in (0.01, 0.25, 0.5, 0.99):
+            for frac in args.fracs:
                 row = step_overhead(name, frac, batch=4, length=256 if big else 128, pairs=3 if big else 10, tmp=tmp)
                 result["overhead"].append(row)
                 print(json.dumps(row))
             result["build_memory"].append(build_memory(name, 0.5, tmp))
             print(json.dumps(result["build_memory"][-1]))
-            result["basis_size"] += basis_sizes(name, (0.01, 0.25, 0.5, 0.75, 0.99), tmp)
+            result["basis_size"] += basis_sizes(name, args.size_fracs, tmp)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_suffix(".json.tmp")

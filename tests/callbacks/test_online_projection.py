@@ -80,12 +80,14 @@ class _EveryStep(L.Callback):
 
 
 @pytest.mark.parametrize("keep", ["parallel", "orthogonal"])
-def test_adamw_with_update_projection_stays_in_the_subspace_every_step(tmp_path, keep):
+@pytest.mark.parametrize("side,frac", [("left", 0.25), ("right", 0.75)])  # kept basis / complement stored
+def test_adamw_with_update_projection_stays_in_the_subspace_every_step(tmp_path, keep, side, frac):
     module = TinyLM(optimizer="adamw", lr=1e-2)
-    basis = random_basis(module.model, tmp_path / "b.safetensors", frac=0.25)
+    basis = random_basis(module.model, tmp_path / "b.safetensors", frac=frac, side=side)
+    assert any(e.factors()[side].complement for e in basis.entries.values()) == (frac > 0.5)
     start = _weights(module, basis.entries)
     probe = _EveryStep(basis, start, keep)
-    cb = OnlineProjection(str(tmp_path / "b.safetensors"), keep=keep, on="update")
+    cb = OnlineProjection(str(tmp_path / "b.safetensors"), keep=keep, on="update", side=side)
     trainer(tmp_path, 6, [cb, probe]).fit(module, loader(6))
     assert len(probe.worst) == 6 and max(probe.worst) < 1e-6
     # Without projection AdamW leaves the subspace at once: the check above can fail.

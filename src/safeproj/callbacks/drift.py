@@ -34,10 +34,10 @@ from torch import Tensor
 from typing_extensions import override
 
 from safeproj.analysis.plots import heatmap
-from safeproj.callbacks.subspace import BasisOptions, Target, expand_spec, find_targets, resolve_basis
+from safeproj.callbacks.subspace import BasisOptions, Target, check_rank_choice, expand_spec, find_targets, resolve_basis
 from safeproj.core.basis import BASIS_SIDES, Basis
 from safeproj.core.projector import energy_share, random_share
-from safeproj.core.spectrum import SELECTIONS, k_for_energy, k_for_frac
+from safeproj.core.spectrum import SELECTIONS
 from safeproj.wandb import log_images, log_table
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
@@ -105,17 +105,7 @@ class SubspaceDrift(Callback):
             raise MisconfigurationException(f"SubspaceDrift selection={selection!r}: expected one of {SELECTIONS}")
         if side not in BASIS_SIDES:
             raise MisconfigurationException(f"SubspaceDrift side={side!r}: expected one of {BASIS_SIDES}")
-        if eta is not None:
-            frac = None
-        try:
-            if frac is not None:
-                k_for_frac(frac, 1, 1)
-            elif eta is not None:
-                k_for_energy(torch.ones(1), eta)
-            else:
-                raise ValueError("give frac or eta")
-        except ValueError as err:
-            raise MisconfigurationException(f"SubspaceDrift: {err}") from None
+        frac, eta = check_rank_choice("SubspaceDrift", frac, eta)
         self.subspace = subspace
         self.every_n_steps = every_n_steps
         self.options = BasisOptions(frac, eta, selection, side, seed, include, exclude)

@@ -10,7 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from safeproj.callbacks.subspace import KEEPS, BasisOptions, expand_spec, Target, find_targets, resolve_basis
+from safeproj.callbacks.subspace import KEEPS, BasisOptions, check_rank_choice, expand_spec, Target, find_targets, resolve_basis
 from safeproj.core.basis import Basis
 from safeproj.core.projector import project, project_left, project_right
 
@@ -60,8 +60,7 @@ class OnlineProjection(Callback):
             raise MisconfigurationException(f"OnlineProjection keep={keep!r}: expected one of {KEEPS}")
         if on not in MODES:
             raise MisconfigurationException(f"OnlineProjection on={on!r}: expected one of {MODES}")
-        if eta is not None:
-            frac = None
+        frac, eta = check_rank_choice("OnlineProjection", frac, eta)
         self.subspace = subspace
         self.keep = keep
         self.on = on
@@ -145,10 +144,30 @@ class OnlineProjection(Callback):
             entry = self.basis.entries[t.name]
             if t.is_lora:
                 self._project_factors(entry, t.lora_b, t.lora_a)
+            elif t.weight.dtype == torch.float32 and t.weight.ndim == 2 and (entry.left is None) != (entry.right is None):
+                self._project_in_place(t.weight, self._initial[t.name], entry)
             else:
                 w0 = self._initial[t.name]
                 delta = project(t.weight.float() - w0.float(), entry, self.keep)
                 t.weight.copy_(w0.float() + delta)
+
+    def _project_in_place(self, w: torch.Tensor, w0: torch.Tensor, entry) -> None:
+        """W ← W₀ + P(W − W₀) for one stored side, with one temporary: the step is memory-bound.
+
+        The factor Q spans either the kept subspace or its complement; either way W₀ + P·D is
+        W − QQᵀD (when QQᵀD is the part to drop) or W₀ + QQᵀD (when it is the part to keep).
+        """
+        left = entry.left is not None
+        factor = entry.left if left else entry.right
+        Q = factor.Q
+        delta = w - w0
+        drop = (self.keep == "orthogonal") != factor.complement
+        if not drop:
+            w.copy_(w0)
+        if left:
+            w.addmm_(Q, Q.T @ delta, alpha=-1.0 if drop else 1.0)
+        else:
+            w.addmm_(delta @ Q, Q.T, alpha=-1.0 if drop else 1.0)
 
     def _project_factors(self, entry, b: torch.Tensor | None, a: torch.Tensor | None) -> None:
         if entry.left is not None and b is not None:

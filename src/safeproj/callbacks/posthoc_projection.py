@@ -46,7 +46,8 @@ class SubspaceGrid:
         self.side, self.seed = side, seed
         self.vectors: dict[str, dict[str, torch.Tensor]] = {}
         self.shapes: dict[str, tuple[int, int]] = {}
-        missing = [n for n in names if n not in set(source.names())]
+        available = set(source.names())
+        missing = [n for n in names if n not in available]
         if missing:
             raise ValueError(f"reference subspace has no tensor {missing[0]}")
         for name in tqdm(names, desc="reference spectra", disable=not progress):

@@ -38,7 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from typing_extensions import override
 
-from safeproj.callbacks.subspace import Target, delta_source, expand_spec, find_weights, model_weights
+from safeproj.callbacks.subspace import Target, check_rank_choice, delta_source, expand_spec, find_weights, model_weights
 from safeproj.core.basis import Factor
 from safeproj.core.deltas import CheckpointDelta, DeltaSource
 from safeproj.core.projector import project_left
@@ -268,17 +268,7 @@ class SafeLoRA(Callback):
             raise MisconfigurationException("SafeLoRA needs threshold or num_layers")
         elif isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1 <= threshold <= 1:
             raise MisconfigurationException(f"SafeLoRA threshold must be a cosine in [-1, 1], got {threshold!r}")
-        if eta is not None:
-            frac = None
-        try:
-            if frac is not None:
-                k_for_frac(frac, 1, 1)
-            elif eta is not None:
-                k_for_energy(torch.ones(1), eta)
-            else:
-                raise ValueError("give frac or eta")
-        except ValueError as err:
-            raise MisconfigurationException(f"SafeLoRA: {err}") from None
+        frac, eta = check_rank_choice("SafeLoRA", frac, eta)
         self.aligned, self.base = aligned, base
         self.threshold, self.num_layers = threshold, num_layers
         self.variant, self.frac, self.eta = variant, frac, eta

@@ -42,6 +42,26 @@ class BasisOptions:
         return {k: getattr(self, k) for k in ("frac", "eta", "selection", "side", "seed", "include", "exclude")}
 
 
+def check_rank_choice(owner: str, frac: float | None, eta: float | None) -> tuple[float | None, float | None]:
+    """(frac, eta) with eta winning when both are set; MisconfigurationException naming `owner` if invalid."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from safeproj.core.spectrum import k_for_energy, k_for_frac
+
+    if eta is not None:
+        frac = None
+    try:
+        if frac is not None:
+            k_for_frac(frac, 1, 1)
+        elif eta is not None:
+            k_for_energy(torch.ones(1), eta)
+        else:
+            raise ValueError("give frac or eta")
+    except ValueError as err:
+        raise MisconfigurationException(f"{owner}: {err}") from None
+    return frac, eta
+
+
 def expand_spec(spec: str, model_name: str | None) -> str:
     """`safety` -> `safety:<preset>` for the preset a run starts from."""
     if spec != "safety":
