@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 from safetensors import safe_open
 
-from safeproj.callbacks.posthoc_projection import FRACS, SELECTIONS, SubspaceGrid, Variant, run_variants, write_rows
+from safeproj.callbacks.posthoc_projection import FRACS, SELECTIONS, SubspaceGrid, Variant, run_variants, write_variant_rows
 from safeproj.callbacks.subspace import delta_source, find_weights
 from safeproj.model.module import run_manifest
 
@@ -141,7 +141,7 @@ def project_command(
     variants = [Variant(f, s) for s in selections for f in fracs]
     rows = list(run_variants(_Holder(model, tokenizer), targets, initial, grid, variants, keep, evaluators))
     out = Path(out_dir or Path(run).parent / "posthoc")
-    csv_path, _ = write_rows(rows, out)
+    csv_path = write_variant_rows(rows, out)
     for row in rows:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
     print(f"wrote {csv_path}")

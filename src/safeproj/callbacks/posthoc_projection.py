@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,22 +171,12 @@ def run_variants(
         swap.restore()
 
 
-def write_rows(rows: Sequence[dict], out_dir: Path, stem: str = "posthoc") -> tuple[Path, Path]:
-    """Rows as CSV and JSON, each written to a temp file and renamed into place."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    paths = (out_dir / f"{stem}.csv", out_dir / f"{stem}.json")
-    for path in paths:
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}-")
-        with os.fdopen(fd, "w", newline="") as f:
-            if path.suffix == ".csv":
-                writer = csv.DictWriter(f, fieldnames=columns)
-                writer.writeheader()
-                writer.writerows(rows)
-            else:
-                json.dump(list(rows), f, indent=2)
-        os.replace(tmp, path)
-    return paths
+def write_variant_rows(rows: Sequence[dict], out_dir: Path) -> Path:
+    """posthoc.csv and posthoc.json in `out_dir`, each written atomically; returns the CSV path."""
+    from safeproj.analysis.overlap import write_rows
+
+    write_rows(rows, Path(out_dir) / "posthoc.json")
+    return write_rows(rows, Path(out_dir) / "posthoc.csv")
 
 
 class PosthocProjection(Callback):
@@ -260,7 +246,7 @@ class PosthocProjection(Callback):
         if not trainer.is_global_zero:
             return
         out = Path(self.out_dir or Path(trainer.default_root_dir) / "posthoc")
-        csv_path, _ = write_rows(self.rows, out)
+        csv_path = write_variant_rows(self.rows, out)
         from safeproj.wandb import log_table
 
         log_table(trainer.loggers, "posthoc/variants", self.rows)
