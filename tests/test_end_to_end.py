@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from safeproj.callbacks.subspace import BasisOptions, resolve_basis
 from safeproj.cli import main

@@ -179,7 +179,7 @@ def test_concurrency_limit_holds(judge_server, api_key):
 
 
 def test_concurrency_one_is_sequential(judge_server, api_key):
-    make_judge(judge_server, api_key, concurrency=1).judge([(f"p{i}", f"r [[delay=0.02]]") for i in range(6)])
+    make_judge(judge_server, api_key, concurrency=1).judge([(f"p{i}", "r [[delay=0.02]]") for i in range(6)])
     assert judge_server.max_in_flight == 1
 
 

@@ -9,8 +9,7 @@ from safeproj.model.loading import load_model, tiny_dir
 from safeproj.model.module import LoraSettings, SafeprojLM, run_manifest
 
 
-def _batches(tok, n=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
+def _batches(tok, n=8):
     texts = ["12+7=19", "3*4=12", "9-5=4", "8+8=16"]
     out = []
     for i in range(n):

@@ -19,13 +19,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
+from safeproj.io import write_json
 
 DEFAULT_ETAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 OUTPUT_PROJECTIONS = ("self_attn.o_proj", "mlp.down_proj")
@@ -376,14 +376,7 @@ def write_report(report: Mapping[str, Sequence[Mapping]], out_dir: str | os.Path
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"analysis": out_dir / "analysis.json"}
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".analysis-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump({k: list(v) for k, v in report.items()}, handle, indent=2, default=_json_value)
-        os.replace(tmp, files["analysis"])
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(files["analysis"], {k: list(v) for k, v in report.items()}, default=_json_value)
     if report.get("mso"):
         files["mso_vs_eta"] = plot_mso(report["mso"], out_dir / "mso_vs_eta.png")
     if report.get("layers"):

@@ -11,13 +11,11 @@ models are ever in memory.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,6 +32,7 @@ from safeproj.core import projector as core_projector
 from safeproj.core import spectrum as core_spectrum
 from safeproj.core.basis import Basis, BasisEntry, Factor
 from safeproj.core.deltas import DeltaSource, delta_from_spec, select_names
+from safeproj.io import atomic_file, write_csv, write_json
 
 ETAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 FRACS = (0.01, 0.25, 0.5, 0.75, 0.99)
@@ -173,7 +172,8 @@ class SpectrumCache:
         Q, S = core_spectrum.side_spectrum(delta, side=self.side, method=self.method)
         self.computed += 1
         if path is not None:
-            _atomic_safetensors({"Q": Q.contiguous(), "S": S.contiguous()}, path)
+            with atomic_file(path) as tmp:
+                save_file({"Q": Q.contiguous(), "S": S.contiguous()}, str(tmp))
         return Q, S
 
 
@@ -627,35 +627,9 @@ def write_rows(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix not in (".csv", ".json"):
         raise ValueError(f"rows are written as .csv or .json, got {str(path)!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            if path.suffix == ".csv":
-                columns = list(dict.fromkeys(k for row in rows for k in row))
-                writer = csv.DictWriter(handle, fieldnames=columns)
-                writer.writeheader()
-                writer.writerows(rows)
-            else:
-                json.dump(list(rows), handle, indent=1, default=str)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _atomic_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if path.suffix == ".csv":
+        return write_csv(path, rows)
+    return write_json(path, list(rows), indent=1, default=str)
 
 
 def summary_lines(rows: Sequence[dict], etas: Sequence[float] | None = None) -> list[str]:

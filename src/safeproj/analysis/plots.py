@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
+from safeproj.io import atomic_file
 
 Series = tuple[Sequence[float], Sequence[float]]
 
@@ -31,16 +31,8 @@ def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"plot path must end in .png, got {str(path)!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=dpi)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; plots are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
     return path
 
 

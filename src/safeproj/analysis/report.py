@@ -14,14 +14,12 @@ Plots: utility-vs-harm curves per table, a Pareto plot of every projected varian
 
 from __future__ import annotations
 
-import csv
 import fnmatch
 import hashlib
 import json
 import math
 import os
 import re
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ from safeproj.analysis import plots
 from safeproj.analysis.sweep import DEFAULT_SEED_KEYS
 from safeproj.callbacks.summary import SUMMARY_FILE, metric_name, write_json_atomic
 from safeproj.eval.stats import bootstrap_ci
+from safeproj.io import write_csv, write_text
 
 MISSING = "—"
 SELECTION_ORDER = ("full", "top", "random-k", "random")
@@ -670,37 +669,6 @@ def compare_lines(selectors: Sequence[str], runs: Sequence[Run], n_boot: int) ->
 # Writing
 
 
-def _write_text(text: str, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def log_wandb(out_dir: Path, rows: Sequence[dict[str, Any]], images: Sequence[Path]) -> str | None:
     """The report's rows as a W&B table and its plots as images, in an offline run unless WANDB_MODE=online."""
     from safeproj.wandb import wandb_mode
@@ -813,10 +781,10 @@ def report_command(
     if compare:
         lines += compare_lines(compare, found, n_boot)
 
-    written["markdown"] = str(_write_text("\n".join(lines) + "\n", out / "report.md"))
+    written["markdown"] = str(write_text(out / "report.md", "\n".join(lines) + "\n"))
     written["json"] = str(write_json_atomic(rows, out / "report.json"))
     if rows:
-        written["csv"] = str(_write_csv(rows, out / "report.csv"))
+        written["csv"] = str(write_csv(out / "report.csv", rows))
     wandb_dir = log_wandb(out, rows, images)
     if wandb_dir:
         written["wandb"] = wandb_dir

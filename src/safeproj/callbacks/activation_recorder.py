@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from typing_extensions import override
+from safeproj.io import atomic_dir, atomic_file, write_json
 
 POSITIONS = ("last", "mean", "assistant")
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -373,14 +372,8 @@ class ShardWriter:
         tensor = torch.cat(self._rows).contiguous()
         path = self.directory / f"{self.set_name}_layer{self.layer}_shard{len(self.paths)}.safetensors"
         metadata = {**self.metadata, "shard": str(len(self.paths)), "prompt_ids": json.dumps(self._ids)}
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.stem}-", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"activations": tensor}, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as tmp:
+            save_file({"activations": tensor}, str(tmp), metadata=metadata)
         self.paths.append(path)
         self.rows_written += len(self._ids)
         self.bytes_written += path.stat().st_size
@@ -420,34 +413,32 @@ def record_step(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"step_{step}"
-    partial = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".step_{step}-"))
     torch_dtype = STORAGE_DTYPES[dtype]
     rows: dict[str, int] = {}
     writers: list[ShardWriter] = []
     hidden = 0
-    try:
-        with record_activations(model, layers, torch_dtype) as capture:
-            for set_name, encoded in prompt_sets.items():
-                meta = {
-                    "format": SHARD_FORMAT, "step": str(step), "set": set_name, "position": position, "dtype": dtype
-                }
-                set_writers = {
-                    layer: ShardWriter(partial, set_name, layer, {**meta, "layer": str(layer)}, shard_size)
-                    for layer in layers
-                }
-                starts = range(0, len(encoded), batch_size)
-                desc = f"activations step {step} {set_name}"
-                for start in tqdm(starts, desc=desc, leave=False, disable=not progress):
-                    chunk = encoded[start : start + batch_size]
-                    captured = capture(left_pad(chunk, pad_id))
-                    ids = list(range(start, start + len(chunk)))
-                    for layer, writer in set_writers.items():
-                        hidden = captured[layer].shape[-1]
-                        writer.add(captured[layer], ids)
-                for writer in set_writers.values():
-                    writer.flush()
-                writers += set_writers.values()
-                rows[set_name] = len(encoded)
+    with atomic_dir(final) as partial, record_activations(model, layers, torch_dtype) as capture:
+        for set_name, encoded in prompt_sets.items():
+            meta = {
+                "format": SHARD_FORMAT, "step": str(step), "set": set_name, "position": position, "dtype": dtype
+            }
+            set_writers = {
+                layer: ShardWriter(partial, set_name, layer, {**meta, "layer": str(layer)}, shard_size)
+                for layer in layers
+            }
+            starts = range(0, len(encoded), batch_size)
+            desc = f"activations step {step} {set_name}"
+            for start in tqdm(starts, desc=desc, leave=False, disable=not progress):
+                chunk = encoded[start : start + batch_size]
+                captured = capture(left_pad(chunk, pad_id))
+                ids = list(range(start, start + len(chunk)))
+                for layer, writer in set_writers.items():
+                    hidden = captured[layer].shape[-1]
+                    writer.add(captured[layer], ids)
+            for writer in set_writers.values():
+                writer.flush()
+            writers += set_writers.values()
+            rows[set_name] = len(encoded)
         manifest = {
             "format": SHARD_FORMAT,
             "step": step,
@@ -458,13 +449,7 @@ def record_step(
             "sets": rows,
             "shards": sorted(p.name for w in writers for p in w.paths),
         }
-        _write_json(partial / MANIFEST, manifest)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        write_json(partial / MANIFEST, manifest)
     item = torch.empty((), dtype=torch_dtype).element_size()
     return StepRecord(
         directory=final,
@@ -475,17 +460,6 @@ def record_step(
         payload_bytes=sum(rows.values()) * len(layers) * hidden * item,
         max_buffered_rows=max((w.max_buffered for w in writers), default=0),
     )
-
-
-def _write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def prepare_prompt_sets(

@@ -17,11 +17,8 @@ moves W₀ to the weights' device one tensor at a time and costs one projection 
 
 from __future__ import annotations
 
-import csv
 import math
-import os
 import re
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -38,6 +35,7 @@ from safeproj.callbacks.subspace import BasisOptions, Target, check_rank_choice,
 from safeproj.core.basis import BASIS_SIDES, Basis
 from safeproj.core.projector import energy_share, random_share
 from safeproj.core.spectrum import SELECTIONS
+from safeproj.io import write_csv
 from safeproj.wandb import log_images, log_table
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
@@ -257,19 +255,8 @@ def _log_metrics(trainer: Trainer, metrics: dict[str, float], step: int) -> None
 
 
 def write_history(rows: list[dict], path: Path) -> Path:
-    """The history as CSV, written to a temp file and renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """The history as CSV, written atomically."""
+    return write_csv(path, rows, COLUMNS)
 
 
 def plot_history(rows: list[dict], path: Path) -> Path:

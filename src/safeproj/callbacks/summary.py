@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
+from safeproj.io import write_json
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
@@ -67,21 +67,8 @@ def plain_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
-    """Write `data` as JSON to a temp file beside `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, allow_nan=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """`data` as JSON, written atomically; NaN is refused (summaries hold None for a missing value)."""
+    return write_json(path, data, allow_nan=False)
 
 
 class RunSummary(Callback):

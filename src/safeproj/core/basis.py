@@ -9,11 +9,9 @@ The left subspace of an m×n delta lives in R^m and the right one in R^n; for a 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ from safeproj.core.spectrum import (
     pick_indices,
     tensor_seed,
 )
+from safeproj.io import atomic_file
 
 FORMAT = "safeproj.basis"
 FORMAT_VERSION = 1
@@ -119,7 +118,7 @@ class Basis:
                 )
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write one .safetensors file atomically (temp file in the same folder, then os.replace)."""
+        """Write one .safetensors file atomically."""
         path = Path(path)
         tensors: dict[str, Tensor] = {}
         index = {}
@@ -141,18 +140,8 @@ class Basis:
             "meta": json.dumps(self.meta),
             "entries": json.dumps(index),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Basis:

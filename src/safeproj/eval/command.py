@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from safeproj import io
 from safeproj.eval.gsm8k import evaluate_gsm8k
 from safeproj.eval.harm import evaluate_harm
 from safeproj.eval.judges import OpenAIJudge, RefusalJudge
@@ -63,17 +62,8 @@ def _plain(value):
 
 
 def write_json(path: str | Path, payload: dict) -> None:
-    """Write JSON through a temp file and os.replace, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_plain(payload), f, indent=2, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """The payload as JSON (tensors and numpy values made plain), written atomically."""
+    io.write_json(path, _plain(payload))
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:

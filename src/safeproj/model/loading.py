@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from safeproj.io import atomic_dir
 
 PRESETS = ("tiny", "smollm2-135m")  # each also as "<preset>-safety"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -111,15 +110,9 @@ def smollm_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
-    try:
+    with atomic_dir(target, keep_existing=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -129,16 +122,9 @@ def tiny_dir(seed: int = 0) -> Path:
     if (target / "config.json").is_file():
         return target
     model, tok = tiny_model(seed=seed)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-"))
-    try:
+    with atomic_dir(target, keep_existing=True) as tmp:  # parallel test workers may race to make it
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():  # another process won the race otherwise
-            raise
     return target
 
 

@@ -1,0 +1,85 @@
+"""Atomic writes: every file safeproj leaves is either complete or absent.
+
+A file is written to a temp name in its own folder and renamed into place (`os.replace` is atomic within
+one file system), so a crash or Ctrl-C never leaves half a CSV for a sweep or report to misread.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `path`; it becomes `path` when the block ends cleanly, else it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside `path`; it becomes `path` when the block ends cleanly, else it is removed.
+
+    An existing `path` is swapped out whole (never merged), or, with `keep_existing`, kept: for caches
+    that another process may have filled meanwhile with the same content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        if path.exists() and keep_existing:
+            shutil.rmtree(tmp)
+        elif path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-old-"))
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (keep_existing and path.exists()):
+            raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, data: Any, indent: int = 2, default=None, allow_nan: bool = True) -> Path:
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=indent, allow_nan=allow_nan, ensure_ascii=False, default=default)
+    return Path(path)
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> Path:
+    """Rows as CSV; the columns default to every key in order of first appearance."""
+    columns = list(columns) if columns is not None else list(dict.fromkeys(k for row in rows for k in row))
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    return Path(path)
