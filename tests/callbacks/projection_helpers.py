@@ -1,9 +1,10 @@
-"""Small pieces the callback tests share: a tiny module, fixed batches, a random basis."""
+"""Small pieces the callback tests share: a tiny module, fixed batches, a random basis, a capturing logger."""
 
 from __future__ import annotations
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
 
 from safeproj.core.basis import build_basis
 from safeproj.core.deltas import TensorDelta, select_names
@@ -84,3 +85,25 @@ def trainer(tmp_path, steps: int, callbacks=(), **kwargs) -> L.Trainer:
         callbacks=list(callbacks),
         **kwargs,
     )
+
+
+class Capture(Logger):
+    """Keeps every logged metrics dict with its step."""
+
+    def __init__(self):
+        super().__init__()
+        self.logged: list[tuple[int, dict]] = []
+
+    @property
+    def name(self):
+        return "capture"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_metrics(self, metrics, step=None):
+        self.logged.append((step, dict(metrics)))
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass

@@ -8,7 +8,6 @@ import math
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from safeproj.callbacks import drift as drift_module
@@ -18,6 +17,8 @@ from safeproj.callbacks.subspace import model_weights
 from safeproj.core.basis import Basis, build_basis
 from safeproj.core.deltas import TensorDelta
 from safeproj.model.loading import load_model
+
+from projection_helpers import Capture
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -53,26 +54,6 @@ class TinyLM(L.LightningModule):
     def train_dataloader(self):
         data = torch.randint(4, len(self.tokenizer), (32, 12), generator=torch.Generator().manual_seed(0))
         return torch.utils.data.DataLoader(data, batch_size=4)
-
-
-class Capture(Logger):
-    def __init__(self):
-        super().__init__()
-        self.logged: list[tuple[int, dict]] = []
-
-    @property
-    def name(self):
-        return "capture"
-
-    @property
-    def version(self):
-        return 0
-
-    def log_metrics(self, metrics, step=None):
-        self.logged.append((step, dict(metrics)))
-
-    def log_hyperparams(self, *args, **kwargs):
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from safetensors.torch import save_file
 
@@ -23,6 +22,8 @@ from safeproj.callbacks.safelora import (
 from safeproj.callbacks.subspace import model_weights
 from safeproj.core.deltas import select_names
 from safeproj.model.loading import load_model
+
+from projection_helpers import Capture
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
@@ -221,26 +222,6 @@ class Snapshot(Callback):
 
     def on_train_end(self, trainer, pl_module):
         self.state = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
-
-
-class Capture(Logger):
-    def __init__(self):
-        super().__init__()
-        self.logged: list[tuple[int, dict]] = []
-
-    @property
-    def name(self):
-        return "capture"
-
-    @property
-    def version(self):
-        return 0
-
-    def log_metrics(self, metrics, step=None):
-        self.logged.append((step, dict(metrics)))
-
-    def log_hyperparams(self, *args, **kwargs):
-        pass
 
 
 def alignment_matrix(name: str, shape: tuple[int, int]) -> torch.Tensor:

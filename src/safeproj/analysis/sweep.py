@@ -493,6 +493,9 @@ def check_cell(cell: Cell, sweep: Sweep, out: Path) -> None:
     from safeproj.cli import SafeprojCLI
 
     class ParseOnly(SafeprojCLI):
+        def _set_seed(self) -> None:  # a parse check should not seed (or log "Seed set to") anything
+            pass
+
         def instantiate_classes(self) -> None:
             pass
 
