@@ -16,7 +16,7 @@ from typing_extensions import override
 from safeproj.callbacks.subspace import KEEPS, Target, delta_source, expand_spec, find_weights
 from safeproj.core.basis import BasisEntry, Factor
 from safeproj.core.projector import project, project_left, project_right
-from safeproj.core.spectrum import k_for_frac, select_vectors, side_spectrum
+from safeproj.core.spectrum import gaussian_factors, k_for_frac, select_vectors, side_spectrum
 
 FRACS = (0.01, 0.25, 0.5, 0.75, 0.99)
 SELECTIONS = ("top", "random-k", "random")
@@ -41,6 +41,7 @@ class SubspaceGrid:
             raise ValueError(f"side={side!r}: expected one of {SIDES}")
         self.side, self.seed = side, seed
         self.vectors: dict[str, dict[str, torch.Tensor]] = {}
+        self._gaussian: dict[tuple[str, str], torch.Tensor] = {}
         self.shapes: dict[str, tuple[int, int]] = {}
         available = set(source.names())
         missing = [n for n in names if n not in available]
@@ -53,16 +54,23 @@ class SubspaceGrid:
             sides = ("left", "right") if side == "both" else (side,)
             self.vectors[name] = {s: side_spectrum(delta, side=s)[0] for s in sides}
 
+    def gaussian_vectors(self, name: str, side: str) -> torch.Tensor:
+        """The "random" control's singular vectors: one Gaussian SVD per tensor, shared by every frac."""
+        if (name, side) not in self._gaussian:
+            U, _, V = gaussian_factors(self.shapes[name], self.seed, name, left=side == "left", right=side == "right")
+            self._gaussian[name, side] = U if side == "left" else V
+        return self._gaussian[name, side]
+
     def entry(self, name: str, variant: Variant) -> BasisEntry:
         m, n = self.shapes[name]
         k = k_for_frac(variant.frac, m, n)
-        factors = {
-            s: Factor(
-                select_vectors(Q, k, variant.selection, seed=self.seed, shape=(m, n), side=s, name=name),
-                complement=False,
-            )
-            for s, Q in self.vectors[name].items()
-        }
+        factors = {}
+        for s, Q in self.vectors[name].items():
+            if variant.selection == "random":  # the top k of the same Gaussian select_vectors would draw
+                Q, selection = self.gaussian_vectors(name, s), "top"
+            else:
+                selection = variant.selection
+            factors[s] = Factor(select_vectors(Q, k, selection, seed=self.seed, name=name), complement=False)
         return BasisEntry(
             name=name,
             shape=(m, n),
