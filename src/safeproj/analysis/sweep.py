@@ -64,6 +64,7 @@ from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from safeproj.callbacks.summary import SUMMARY_FILE, write_json_atomic
+from safeproj.io import write_text
 
 DEFAULT_SEEDS = (0, 1, 2)
 # What a seed sets: the global seed (dropout, random init), the data sample and order, which the data
@@ -798,7 +799,7 @@ def _run_one(sweep: Sweep, cell: Cell, seed: int, out: Path, env: dict[str, str]
     # Named after the recipe: the CLI takes the W&B group and tag from the last config's name.
     config = run_config(cell, seed, run_dir, sweep.name, sweep.seed_keys)
     overrides.parent.mkdir(parents=True, exist_ok=True)
-    overrides.write_text(yaml.safe_dump(config, sort_keys=False))
+    write_text(overrides, yaml.safe_dump(config, sort_keys=False))
     start = time.time()
     code = launch(fit_command(cell, run_dir, overrides), run_dir / RUN_LOG, env)
     seconds = time.time() - start
