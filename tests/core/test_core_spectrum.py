@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+from safeproj.core import spectrum
 from safeproj.core.spectrum import (
     energy_spectrum,
     k_for_energy,
@@ -32,9 +33,16 @@ def projector(Q):
     return Q @ Q.T
 
 
+@pytest.fixture(params=[spectrum.BLOCK, 7], ids=["one-block", "blocks-of-7"])
+def block(request, monkeypatch):
+    """The Gram path converts Δ to float64 in blocks; small blocks split every test matrix."""
+    monkeypatch.setattr(spectrum, "BLOCK", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", [(40, 70), (70, 40), (50, 50)])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_gram_matches_svd_on_separated_leading_subspaces(shape, side):
+def test_gram_matches_svd_on_separated_leading_subspaces(shape, side, block):
     m, n = shape
     s = 2.0 ** -torch.arange(min(m, n), dtype=torch.float64) * 10 + 1e-3  # distinct, decaying
     M = with_spectrum(m, n, s).float()
@@ -60,7 +68,7 @@ def test_gram_matches_svd_on_separated_leading_subspaces(shape, side):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_rank_deficient_gram_completes_null_directions(side):
+def test_rank_deficient_gram_completes_null_directions(side, block):
     m, n, rank = 60, 25, 4  # tall: left side is recovered, right side direct
     M = with_spectrum(m, n, [5.0, 3.0, 2.0, 1.0], seed=3).float()
     Qg, S = side_spectrum(M, side, method="gram")
@@ -75,7 +83,7 @@ def test_rank_deficient_gram_completes_null_directions(side):
     assert residual.abs().max() < 1e-4
 
 
-def test_energy_spectrum_matches_svdvals():
+def test_energy_spectrum_matches_svdvals(block):
     M = with_spectrum(30, 80, torch.linspace(4, 0.1, 30)).float()
     torch.testing.assert_close(energy_spectrum(M), torch.linalg.svdvals(M), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(energy_spectrum(M.T), torch.linalg.svdvals(M), atol=1e-5, rtol=1e-5)

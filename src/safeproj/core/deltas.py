@@ -212,7 +212,8 @@ class CheckpointDelta(DeltaSource):
 
     def _compute(self, name: str) -> Tensor:
         t, b = self._stored[name]
-        return self.tuned.read(t).float() - self.base.read(b).float()
+        delta = self.tuned.read(t).float()  # a fresh tensor: subtract in place, never three copies at once
+        return delta.sub_(self.base.read(b).float())
 
     def _describe(self) -> dict:
         files = self.tuned.files(t for t, _ in self._stored.values()) + self.base.files(
