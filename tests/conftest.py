@@ -1,4 +1,4 @@
-"""Shared test set-up: offline, quiet, and a private cache so tests never see a user's files."""
+"""Shared test set-up: offline, quiet, one torch thread, and a private cache so tests never see a user's files."""
 
 import os
 
@@ -10,6 +10,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -20,3 +21,13 @@ def _private_cache(tmp_path_factory):
     else:
         os.environ["SAFEPROJ_CACHE"] = str(tmp_path_factory.mktemp("safeproj-cache"))
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    # The test models and matrices are tiny: thread start-up costs more than it saves, and on a shared
+    # 2-core machine busy-waiting threads slow every test down many times over.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -34,15 +34,6 @@ class TinyLM(L.LightningModule):
         return torch.utils.data.DataLoader(data, batch_size=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: one intra-op thread is faster than two on a shared CPU, and keeps the folder quick.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def tiny_lm():
     return TinyLM

@@ -72,12 +72,12 @@ def random_basis(model: torch.nn.Module, path, frac: float = 0.25, side: str = "
     return basis
 
 
-def trainer(tmp_path, steps: int, callbacks=(), **kwargs) -> L.Trainer:
+def trainer(tmp_path, steps: int, callbacks=(), logger=False, **kwargs) -> L.Trainer:
     return L.Trainer(
         max_steps=steps,
         accelerator="cpu",
         devices=1,
-        logger=False,
+        logger=logger,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -85,6 +85,34 @@ def trainer(tmp_path, steps: int, callbacks=(), **kwargs) -> L.Trainer:
         callbacks=list(callbacks),
         **kwargs,
     )
+
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class RandomTokensLM(L.LightningModule):
+    """`load_model("tiny")`, optionally with peft LoRA on every projection; Adam steps on `rows` random token rows."""
+
+    def __init__(self, lora: bool = False, rows: int = 32):
+        super().__init__()
+        self.rows = rows
+        self.model, self.tokenizer = load_model("tiny")
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            torch.manual_seed(0)
+            config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_PROJECTIONS)
+            self.model = get_peft_model(self.model, config)
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=1e-2)
+
+    def train_dataloader(self):
+        data = torch.randint(4, len(self.tokenizer), (self.rows, 12), generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.DataLoader(data, batch_size=4)
 
 
 class Capture(Logger):

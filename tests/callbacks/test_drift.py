@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import math
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -18,42 +17,8 @@ from safeproj.core.basis import Basis, build_basis
 from safeproj.core.deltas import TensorDelta
 from safeproj.model.loading import load_model
 
-from projection_helpers import Capture
+from projection_helpers import Capture, RandomTokensLM, trainer
 
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Small LAPACK calls spin for many milliseconds per call with two threads on a loaded 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class TinyLM(L.LightningModule):
-    """`load_model("tiny")`, optionally with peft LoRA; Adam steps on random tokens."""
-
-    def __init__(self, lora: bool = False):
-        super().__init__()
-        self.model, self.tokenizer = load_model("tiny")
-        if lora:
-            from peft import LoraConfig, get_peft_model
-
-            torch.manual_seed(0)
-            config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGET_MODULES)
-            self.model = get_peft_model(self.model, config)
-
-    def training_step(self, batch, batch_idx):
-        return self.model(input_ids=batch, labels=batch).loss
-
-    def configure_optimizers(self):
-        return torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=1e-2)
-
-    def train_dataloader(self):
-        data = torch.randint(4, len(self.tokenizer), (32, 12), generator=torch.Generator().manual_seed(0))
-        return torch.utils.data.DataLoader(data, batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -69,21 +34,9 @@ def basis_file(tmp_path_factory):
 
 
 def fit(module, callbacks, tmp_path, steps, logger=False, ckpt_path=None, accumulate=1):
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        logger=logger,
-        callbacks=callbacks,
-        accumulate_grad_batches=accumulate,
-        log_every_n_steps=50,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
-    trainer.fit(module, ckpt_path=ckpt_path)
-    return trainer
+    run = trainer(tmp_path, steps, callbacks, logger=logger, accumulate_grad_batches=accumulate, log_every_n_steps=50)
+    run.fit(module, ckpt_path=ckpt_path)
+    return run
 
 
 def projector(entry) -> torch.Tensor:
@@ -130,7 +83,7 @@ def test_layer_of():
 def test_unprojected_run_logs_the_share_of_its_update(tmp_path, basis_file, monkeypatch):
     images = []
     monkeypatch.setattr(drift_module, "log_images", lambda loggers, key, paths, step=None: images.append((key, paths)))
-    module = TinyLM()
+    module = RandomTokensLM()
     start = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
     logger = Capture()
     callback = SubspaceDrift(basis_file, every_n_steps=2)
@@ -174,7 +127,7 @@ def test_unprojected_run_logs_the_share_of_its_update(tmp_path, basis_file, monk
 @pytest.mark.parametrize("keep, want", [("parallel", 1.0), ("orthogonal", 0.0)])
 def test_beside_online_projection_the_share_is_all_or_nothing(tmp_path, basis_file, keep, want):
     callback = SubspaceDrift(basis_file, every_n_steps=1, out_dir=str(tmp_path / "out"))
-    fit(TinyLM(), [OnlineProjection(basis_file, keep=keep), callback], tmp_path, steps=3)
+    fit(RandomTokensLM(), [OnlineProjection(basis_file, keep=keep), callback], tmp_path, steps=3)
     assert sorted({r["step"] for r in callback.history}) == [1, 2, 3]
     for row in callback.history:
         assert row["energy"] > 0
@@ -183,7 +136,7 @@ def test_beside_online_projection_the_share_is_all_or_nothing(tmp_path, basis_fi
 
 
 def test_lora_update_is_scale_b_a(tmp_path, basis_file):
-    module = TinyLM(lora=True)
+    module = RandomTokensLM(lora=True)
     callback = SubspaceDrift(basis_file, every_n_steps=3, out_dir=str(tmp_path / "out"))
     fit(module, [callback], tmp_path, steps=3)
     basis = Basis.load(basis_file)
@@ -201,7 +154,7 @@ def test_lora_update_is_scale_b_a(tmp_path, basis_file):
 
 
 def test_resume_measures_against_the_original_start(tmp_path, basis_file):
-    module = TinyLM()
+    module = RandomTokensLM()
     start = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
     first = SubspaceDrift(basis_file, every_n_steps=2, out_dir=str(tmp_path / "out"))
     trainer = fit(module, [first], tmp_path / "a", steps=2)
@@ -213,7 +166,7 @@ def test_resume_measures_against_the_original_start(tmp_path, basis_file):
     middle = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
 
     resumed = SubspaceDrift(basis_file, every_n_steps=2, out_dir=str(tmp_path / "out"))
-    fit(TinyLM(), [resumed], tmp_path / "b", steps=4, ckpt_path=str(ckpt))
+    fit(RandomTokensLM(), [resumed], tmp_path / "b", steps=4, ckpt_path=str(ckpt))
     # The resumed module is a fresh one: read the end weights off the callback's own targets.
     end = {t.name: t.weight.detach() for t in resumed.targets}
     basis = Basis.load(basis_file)
@@ -230,4 +183,4 @@ def test_basis_for_another_model_is_refused(tmp_path):
     path = tmp_path / "other.safetensors"
     build_basis(TensorDelta(end, start), frac=0.5, progress=False).save(path)
     with pytest.raises(MisconfigurationException, match="q_proj"):
-        fit(TinyLM(), [SubspaceDrift(str(path))], tmp_path, steps=1)
+        fit(RandomTokensLM(), [SubspaceDrift(str(path))], tmp_path, steps=1)

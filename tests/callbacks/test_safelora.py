@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch import Callback
@@ -23,19 +22,7 @@ from safeproj.callbacks.subspace import model_weights
 from safeproj.core.deltas import select_names
 from safeproj.model.loading import load_model
 
-from projection_helpers import Capture
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Small LAPACK calls spin for many milliseconds per call with two threads on a loaded 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
+from projection_helpers import Capture, RandomTokensLM, trainer
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -193,30 +180,6 @@ def test_callback_arguments_are_checked(kwargs, match):
 # In a training run
 
 
-class TinyLM(L.LightningModule):
-    """`load_model("tiny")`, optionally with peft LoRA; a few Adam steps on random tokens."""
-
-    def __init__(self, lora: bool):
-        super().__init__()
-        self.model, self.tokenizer = load_model("tiny")
-        if lora:
-            from peft import LoraConfig, get_peft_model
-
-            torch.manual_seed(0)
-            config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGET_MODULES)
-            self.model = get_peft_model(self.model, config)
-
-    def training_step(self, batch, batch_idx):
-        return self.model(input_ids=batch, labels=batch).loss
-
-    def configure_optimizers(self):
-        return torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=1e-2)
-
-    def train_dataloader(self):
-        data = torch.randint(4, len(self.tokenizer), (16, 12), generator=gen(0))
-        return torch.utils.data.DataLoader(data, batch_size=4)
-
-
 class Snapshot(Callback):
     """Copies every weight and LoRA factor at train end, before SafeLoRA (placed after it) acts."""
 
@@ -255,18 +218,7 @@ def checkpoint_pair(tmp_path_factory):
 
 def run(module, callback, tmp_path, logger=False, steps=4):
     snap = Snapshot()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        logger=logger,
-        callbacks=[snap, callback],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
-    trainer.fit(module)
+    trainer(tmp_path, steps, [snap, callback], logger=logger).fit(module)
     return snap.state
 
 
@@ -288,7 +240,7 @@ def projector(V: torch.Tensor, variant: str, eta: float = 0.99) -> torch.Tensor:
 )
 def test_lora_run_rewrites_exactly_the_selected_layers(tmp_path, checkpoint_pair, variant, rule):
     aligned, base, V = checkpoint_pair
-    module = TinyLM(lora=True)
+    module = RandomTokensLM(lora=True, rows=16)
     logger = Capture()
     callback = SafeLoRA(aligned, base, variant=variant, **rule)
     before = run(module, callback, tmp_path, logger=logger)
@@ -339,7 +291,7 @@ def test_lora_run_rewrites_exactly_the_selected_layers(tmp_path, checkpoint_pair
 
 def test_full_finetuning_run_sets_w0_plus_c_times_update(tmp_path, checkpoint_pair):
     aligned, base, V = checkpoint_pair
-    module = TinyLM(lora=False)
+    module = RandomTokensLM(lora=False, rows=16)
     start = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
     callback = SafeLoRA(aligned, base, threshold=0.4)
     trained = run(module, callback, tmp_path)
@@ -372,4 +324,4 @@ def test_delta_that_does_not_fit_the_model_is_refused(tmp_path):
         save_file(tensors, str(tmp_path / sub / "model.safetensors"))
     callback = SafeLoRA(str(tmp_path / "aligned"), str(tmp_path / "base"))
     with pytest.raises(MisconfigurationException, match="q_proj"):
-        run(TinyLM(lora=False), callback, tmp_path, steps=1)
+        run(RandomTokensLM(lora=False, rows=16), callback, tmp_path, steps=1)

@@ -13,15 +13,6 @@ from .loopback import LoopbackJudgeServer
 SECRET = "sk-test-5ecr3t-do-not-leak-0123456789"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny matmuls run far faster on one thread on a shared 2-core machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def judge_server():
     with LoopbackJudgeServer(hang=0.6) as server:

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from overlap_helpers import gaussian, llama_shapes, write_checkpoint
 
+from safeproj.core import spectrum as core_spectrum
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The matrices here are tiny: thread start-up costs more than it saves, and on a shared machine
-    # busy-waiting threads slow every test down many times over.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+@pytest.fixture
+def spectrum_calls(monkeypatch):
+    """The shapes of every factorization `side_spectrum` is asked for during the test."""
+    calls = []
+    real = core_spectrum.side_spectrum
+
+    def counting(delta, side="left", method="auto"):
+        calls.append(tuple(delta.shape))
+        return real(delta, side=side, method=method)
+
+    monkeypatch.setattr(core_spectrum, "side_spectrum", counting)
+    return calls
 
 
 @pytest.fixture

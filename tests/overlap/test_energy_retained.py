@@ -100,18 +100,10 @@ def test_random_controls_match_core_selection_and_are_seeded():
     assert shares(rows, "random") != shares(other, "random")
 
 
-def test_one_svd_per_tensor_for_every_frac_and_selection(monkeypatch):
-    calls = []
-    real = core_spectrum.side_spectrum
-
-    def counting(delta, side="left", method="auto"):
-        calls.append(tuple(delta.shape))
-        return real(delta, side=side, method=method)
-
-    monkeypatch.setattr(core_spectrum, "side_spectrum", counting)
+def test_one_svd_per_tensor_for_every_frac_and_selection(spectrum_calls):
     basis = gaussian(llama_shapes(1), seed=1)
     energy_retained(delta(basis), delta(gaussian(llama_shapes(1), seed=2)), fracs=FRACS, selections=SELECTIONS)
-    assert len(calls) == len(basis)
+    assert len(spectrum_calls) == len(basis)
 
 
 def test_zero_update_tensor_has_no_share_and_does_not_move_the_pool():

@@ -17,7 +17,6 @@ from safeproj.analysis.overlap import (
     parse_name,
     summary_lines,
 )
-from safeproj.core import spectrum as core_spectrum
 from safeproj.core.deltas import TensorDelta
 
 ALL = [r".*"]
@@ -79,29 +78,21 @@ def test_random_deltas_sit_near_the_baseline():
     assert all(0.0 < r["mso"] < 1.0 for r in rows)
 
 
-def test_one_svd_per_tensor_per_source_for_the_whole_grid(monkeypatch):
-    calls = []
-    real = core_spectrum.side_spectrum
-
-    def counting(delta, side="left", method="auto"):
-        calls.append(tuple(delta.shape))
-        return real(delta, side=side, method=method)
-
-    monkeypatch.setattr(core_spectrum, "side_spectrum", counting)
+def test_one_svd_per_tensor_per_source_for_the_whole_grid(spectrum_calls):
     tensors_v, tensors_w = gaussian(llama_shapes(), seed=1), gaussian(llama_shapes(), seed=2)
     rows = mso_table(delta(tensors_v), delta(tensors_w), etas=ETAS)
     assert len(rows) == len(tensors_v) * len(ETAS)
-    assert len(calls) == 2 * len(tensors_v)
+    assert len(spectrum_calls) == 2 * len(tensors_v)
 
-    calls.clear()
+    spectrum_calls.clear()
     same = delta(tensors_v)
     mso_table(same, same, etas=ETAS)  # one object on both sides: one SVD per tensor
-    assert len(calls) == len(tensors_v)
+    assert len(spectrum_calls) == len(tensors_v)
 
-    calls.clear()
+    spectrum_calls.clear()
     tables = mso_tables(delta(tensors_v), {"x": delta(tensors_w), "y": delta(tensors_w)}, etas=ETAS)
     assert set(tables) == {"x", "y"} and len(tables["y"]) == len(rows)
-    assert len(calls) == 3 * len(tensors_v)
+    assert len(spectrum_calls) == 3 * len(tensors_v)
 
 
 def test_cache_releases_each_tensor_after_use():
