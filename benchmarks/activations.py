@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import platform
 import shutil
 import statistics
@@ -43,6 +42,7 @@ from safeproj.callbacks.activation_recorder import (
     record_step,
     resolve_layers,
 )
+from safeproj.io import write_json
 from safeproj.model.loading import load_model
 
 
@@ -157,12 +157,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "models": [bench_model(name, args) for name in models],
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".activations-", suffix=".json")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(results, handle, indent=2)
-    os.replace(tmp, out)
+    write_json(args.out, results)
     print(json.dumps(results, indent=2))
 
 

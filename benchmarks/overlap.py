@@ -21,13 +21,13 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from safeproj.core.spectrum import side_spectrum
+from safeproj.io import write_json
 
 DEFAULT_SHAPES = ["2048x2048", "2048x8192", "4096x4096", "4096x11008"]
 BIG = 4096 * 4096  # shapes at least this large are timed once
@@ -117,16 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         "total_seconds": time.perf_counter() - start,
         "shapes": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(result, fh, indent=2)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(args.out, result)
     summary = {"{}x{}".format(*r["shape"]): r["svd_over"] for r in rows}
     print(json.dumps(summary, indent=2))
     return result
