@@ -43,6 +43,14 @@ def test_atomic_dir_swaps_whole_and_keeps_existing_on_request(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_atomic_dir_keeping_an_existing_folder_still_reports_a_failing_block(tmp_path):
+    (tmp_path / "cache").mkdir()
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        with atomic_dir(tmp_path / "cache", keep_existing=True):
+            raise RuntimeError("conversion failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
 def test_atomic_dir_removes_the_partial_folder_on_failure(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         with atomic_dir(tmp_path / "run") as tmp:

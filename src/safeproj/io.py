@@ -54,11 +54,15 @@ def atomic_dir(path: str | os.PathLike, keep_existing: bool = False) -> Iterator
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if not (keep_existing and path.exists()):
+                    raise
+                shutil.rmtree(tmp)  # another process made it meanwhile: keep theirs
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (keep_existing and path.exists()):
-            raise
+        raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
