@@ -2,12 +2,14 @@
 
 1. Step time with OnlineProjection / without, in one run: optimizer steps are timed with and without
    the projection in alternation (so drift in machine speed hits both alike), on the tiny model and on
-   SmolLM2-135M. Reported beside the floor 2·min(k, m−k)/(3T) that the FLOP counts allow
-   (≈ 4·min(k, m−k)·m·n for the projection against ≈ 6·m·n·T for the step, T = tokens per step).
+   SmolLM2-135M, at one micro-batch per step and at --accumulate micro-batches per step (the paper's
+   32×512 tokens on SmolLM2). Reported beside the floor 2·min(k, m−k)/(3T) that the FLOP counts
+   allow (≈ 4·min(k, m−k)·m·n for the projection against ≈ 6·m·n·T for the step, T = tokens per
+   optimizer step): the ratio can only approach 1 as T grows.
 2. Basis build peak memory: in a fresh process, with glibc returning freed blocks to the OS, the
    anonymous RSS (file-backed pages of the memory-mapped checkpoints are left out, the OS drops them at
-   will) sampled during the build, above the RSS before it, less the basis it returns, against the
-   largest (tuned, base) tensor pair.
+   will) sampled during the build, above the RSS before it, less the part of the basis finished at
+   that moment, against the largest (tuned, base) tensor pair.
 3. Basis bytes / projected weight bytes for each frac.
 
     python benchmarks/projection.py [--out benchmarks/results/projection.json] [--quick] [--parts memory size]
@@ -16,6 +18,8 @@
 from __future__ import annotations
 
 import argparse
+import array
+import bisect
 import json
 import multiprocessing
 import os
@@ -31,7 +35,6 @@ from safeproj.callbacks.online_projection import OnlineProjection
 from safeproj.callbacks.subspace import find_targets
 from safeproj.core.basis import build_basis
 from safeproj.core.deltas import CheckpointDelta, select_names
-from safeproj.core.spectrum import factorize
 from safeproj.io import write_json
 from safeproj.model.loading import load_model, resolve
 
@@ -39,19 +42,36 @@ PARTS = ("overhead", "memory", "size")
 
 
 def rss_anon() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    with open("/proc/self/status", "rb") as f:
+        return _rss_anon(f.read())
 
 
-class PeakSampler:
-    """Peak anonymous RSS while the block runs (sampled every 2 ms)."""
+def _rss_anon(status: bytes) -> int:
+    start = status.index(b"RssAnon:") + len(b"RssAnon:")
+    return int(status[start : status.index(b"kB", start)]) * 1024
+
+
+class MemoryTrace:
+    """Anonymous RSS sampled every 2 ms while the block runs, as (time, bytes) pairs.
+
+    The sampler keeps its own allocations out of the count: rows go to a buffer filled before the
+    start is read, and /proc is read through a descriptor opened once.
+    """
+
+    def __init__(self, capacity: int = 1 << 17):
+        self._rows = array.array("d", bytes(16 * capacity))
+        self._count = 0
+        self._fd = os.open("/proc/self/status", os.O_RDONLY)
+
+    def _sample(self):
+        if 2 * self._count < len(self._rows):
+            self._rows[2 * self._count] = time.perf_counter()
+            self._rows[2 * self._count + 1] = _rss_anon(os.pread(self._fd, 1 << 14, 0))
+            self._count += 1
 
     def __enter__(self):
-        self.base = rss_anon()
-        self.peak = self.base
+        self._sample()
+        self.base = int(self._rows[1])
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -59,13 +79,18 @@ class PeakSampler:
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_anon())
+            self._sample()
             time.sleep(0.002)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_anon())
+        self._sample()
+        os.close(self._fd)
+
+    @property
+    def samples(self) -> list[tuple[float, int]]:
+        return [(self._rows[2 * i], int(self._rows[2 * i + 1])) for i in range(self._count)]
 
 
 def perturbed_copy(base_dir: str, out_dir: Path, scale: float = 1e-3, seed: int = 0) -> Path:
@@ -80,8 +105,13 @@ def perturbed_copy(base_dir: str, out_dir: Path, scale: float = 1e-3, seed: int 
     return out_dir
 
 
-def step_overhead(model_name: str, frac: float, batch: int, length: int, pairs: int, tmp: Path) -> dict:
-    """Alternating optimizer steps with/without projection; ratio of median times."""
+def step_overhead(
+    model_name: str, frac: float, batch: int, length: int, pairs: int, tmp: Path, accumulate: int = 1
+) -> dict:
+    """Alternating optimizer steps with/without projection; ratio of median times.
+
+    An optimizer step takes `accumulate` micro-batches of batch×length tokens, and is projected once.
+    """
     model, _ = load_model(model_name)
     model.train()
     base = resolve(model_name)
@@ -98,7 +128,8 @@ def step_overhead(model_name: str, frac: float, batch: int, length: int, pairs: 
     def step(project: bool) -> float:
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        model(**inputs).loss.backward()
+        for _ in range(accumulate):
+            (model(**inputs).loss / accumulate).backward()
         opt.step()
         if project:
             cb.project_weights()
@@ -115,7 +146,7 @@ def step_overhead(model_name: str, frac: float, batch: int, length: int, pairs: 
         t0 = time.perf_counter()
         cb.project_weights()
         proj_only.append(time.perf_counter() - t0)
-    tokens = batch * length
+    tokens = batch * length * accumulate
     floor = sum(4 * min(e.left.k, e.left.dim - e.left.k) * e.shape[0] * e.shape[1] for e in basis.entries.values())
     step_flops = sum(6 * e.shape[0] * e.shape[1] * tokens for e in basis.entries.values())
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
@@ -123,6 +154,7 @@ def step_overhead(model_name: str, frac: float, batch: int, length: int, pairs: 
         "model": model_name,
         "frac": frac,
         "tokens_per_step": tokens,
+        "micro_batches_per_step": accumulate,
         "step_s_without": med(plain),
         "step_s_with": med(projected),
         "ratio": med(projected) / med(plain),
@@ -133,16 +165,51 @@ def step_overhead(model_name: str, frac: float, batch: int, length: int, pairs: 
     }
 
 
-def _build_peak(tuned: str, base: str, frac: float) -> tuple[int, int, int]:
-    """(peak anonymous RSS above the start of the build, basis bytes, largest tensor pair bytes)."""
-    source = CheckpointDelta(tuned, base)
+def _build_trace(tuned: str, base: str, frac: float) -> dict:
+    """Peak anonymous RSS of a basis build above its start, and its transient above the basis so far.
+
+    The source notes when each tensor is first read: by then every earlier tensor's entry is done,
+    so at any sample the basis so far is known, and the transient is the sample less the start
+    less that. A tensor's own factors count as transient until the next is read, which errs on the
+    high side.
+    """
+    asked: list[float] = []
+
+    class Noting(CheckpointDelta):
+        """Notes when each tensor is first read (the build reads a tensor again when it needs it)."""
+
+        def get(self, name):
+            delta = super().get(name)
+            if len(asked) < len(self._names) and name == self._names[len(asked)]:
+                asked.append(time.perf_counter())
+            return delta
+
+    source = Noting(tuned, base)
     shapes = {n: torch.Size(source.shape(n)) for n in source.names()}
     largest = max(4 * s.numel() for s in shapes.values())
-    # One-time library workspaces (BLAS/LAPACK buffers, thread pools) belong to the process, not the build.
-    factorize(torch.randn(max(shapes.values(), key=lambda s: s.numel())))
-    with PeakSampler() as mem:
+    # One-time library workspaces (BLAS/LAPACK buffers grow with the shapes they first meet, thread
+    # pools) belong to the process, not the build: warm them up on one matrix of every shape.
+    build_basis([(str(s), torch.randn(s)) for s in set(shapes.values())], frac=frac, progress=False)
+    with MemoryTrace() as mem:
         basis = build_basis(source, frac=frac, progress=False)
-    return mem.peak - mem.base, basis.nbytes(), 2 * largest
+    # What the finished basis holds besides its tensors' bytes (Python objects, small-allocation
+    # pages) is spread evenly over its entries and counted as basis, not as transient.
+    end = mem.samples[-1][1] - mem.base
+    per_entry = max(0, end - basis.nbytes()) / len(basis)
+    done = [0]  # done[i]: basis bytes finished before the i-th tensor (0-based) was first read
+    for name in basis.names():
+        done.append(done[-1] + basis.entries[name].nbytes() + per_entry)
+    # At time t the tensor in work is the last one first read by then; the entries before it are done.
+    finished = lambda t: done[max(0, bisect.bisect_right(asked, t) - 1)]  # noqa: E731
+    transient = max(rss - mem.base - finished(t) for t, rss in mem.samples)
+    return {
+        "peak_anon_rss_above_start_bytes": max(r for _, r in mem.samples) - mem.base,
+        "transient_bytes": max(0, int(transient)),
+        "basis_bytes": basis.nbytes(),
+        "basis_resident_bytes": end,
+        "largest_pair_bytes": 2 * largest,
+        "projected_weights_bytes": 4 * sum(s.numel() for s in shapes.values()),
+    }
 
 
 def build_memory(model_name: str, frac: float, tmp: Path) -> dict:
@@ -156,21 +223,17 @@ def build_memory(model_name: str, frac: float, tmp: Path) -> dict:
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     try:
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            peak, basis_bytes, pair = pool.apply(_build_peak, (str(tuned), base, frac))
+            trace = pool.apply(_build_trace, (str(tuned), base, frac))
     finally:
         if previous is None:
             os.environ.pop("MALLOC_MMAP_THRESHOLD_")
         else:
             os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
-    transient = max(0, peak - basis_bytes)  # below zero only when the build fits in pages already mapped
     return {
         "model": model_name,
         "frac": frac,
-        "peak_anon_rss_above_start_bytes": peak,
-        "basis_bytes": basis_bytes,
-        "transient_bytes": transient,
-        "largest_pair_bytes": pair,
-        "transient_over_largest_pair": transient / pair,
+        **trace,
+        "transient_over_largest_pair": trace["transient_bytes"] / trace["largest_pair_bytes"],
         "target": 1.3,
     }
 
@@ -192,6 +255,11 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/projection.json")
     parser.add_argument("--quick", action="store_true", help="tiny model only")
     parser.add_argument("--fracs", type=float, nargs="+", default=[0.01, 0.25, 0.5, 0.99], help="fracs for step timing")
+    parser.add_argument(
+        "--accumulate", type=int, default=16,
+        help="micro-batches per optimizer step for the large-step rows (16 gives SmolLM2 the paper's 32×512 tokens)",
+    )
+    parser.add_argument("--accumulate-fracs", type=float, nargs="+", default=[0.5], help="SmolLM2 fracs at that size")
     parser.add_argument("--size-fracs", type=float, nargs="+", default=[0.01, 0.25, 0.5, 0.75, 0.99])
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure")
     args = parser.parse_args()
@@ -210,10 +278,14 @@ def main() -> None:
         tmp = Path(d)
         for name in models:
             big = name != "tiny"
-            for frac in args.fracs if "overhead" in args.parts else ():
-                row = step_overhead(name, frac, batch=4, length=256 if big else 128, pairs=3 if big else 10, tmp=tmp)
-                result["overhead"].append(row)
-                print(json.dumps(row))
+            if "overhead" in args.parts:
+                length = 256 if big else 128
+                runs = [(frac, 1, 3 if big else 10) for frac in args.fracs]
+                runs += [(frac, args.accumulate, 2 if big else 10) for frac in (args.accumulate_fracs if big else args.fracs)]
+                for frac, accumulate, pairs in runs:
+                    row = step_overhead(name, frac, 4, length, pairs, tmp, accumulate=accumulate)
+                    result["overhead"].append(row)
+                    print(json.dumps(row), flush=True)
             if "memory" in args.parts:
                 result["build_memory"].append(build_memory(name, 0.5, tmp))
                 print(json.dumps(result["build_memory"][-1]))

@@ -227,3 +227,66 @@ def test_orthogonal_complement():
     assert (Qk.T @ C).abs().max() < 1e-5
     torch.testing.assert_close(projector(Qk) + projector(C), torch.eye(12, dtype=torch.float64), atol=1e-5, rtol=0)
     assert orthogonal_complement(orthonormal(4, 4, 0).float()).shape == (4, 0)
+
+
+@pytest.mark.parametrize("shape", [(60, 25), (25, 60)])
+@pytest.mark.parametrize("selection", ["top", "random-k", "null"])
+def test_chosen_columns_equal_the_full_factorization(shape, selection, block):
+    """Asking for some directions gives exactly those columns of the full factorization, on both
+    sides, from Δ itself or from a function that reads Δ again; past the numerical rank included."""
+    m, n = shape
+    M = with_spectrum(m, n, [5.0, 3.0, 2.0, 1.0, 0.5, 0.25], seed=4).float()  # rank 6
+    idx = {"top": torch.arange(5), "random-k": torch.tensor([0, 3, 4]), "null": torch.tensor([1, 7, 20])}[selection]
+    U, S, V = spectrum.factorize(M, method="gram")
+    reads = []
+
+    def load():
+        reads.append(1)
+        return M.clone()
+
+    for source in (M, load):
+        for side, full in (("left", U), ("right", V)):
+            reads.clear()
+            fac = spectrum.Factorization(source, method="gram")
+            torch.testing.assert_close(fac.S, S)
+            got = fac.vectors(side, idx)
+            if selection == "null":  # completed directions are a basis of the null space, not unique
+                past = idx >= 6
+                torch.testing.assert_close(got[:, ~past], full[:, idx[~past]])
+                Q = torch.cat([full[:, :6], got[:, past]], dim=1).double()
+                torch.testing.assert_close(Q.T @ Q, torch.eye(Q.shape[1], dtype=torch.float64), atol=1e-5, rtol=0)
+            else:
+                torch.testing.assert_close(got, full[:, idx], atol=1e-6, rtol=0)
+            recovered = side != fac.direct
+            assert len(reads) == (0 if source is M else 1 + recovered)  # read again only to recover
+
+
+def test_released_vectors_cannot_be_asked_for_again():
+    fac = spectrum.Factorization(with_spectrum(30, 12, [3.0, 2.0, 1.0]).float())
+    fac.vectors("left", torch.arange(2), release=True)
+    with pytest.raises(RuntimeError, match="released"):
+        fac.vectors("right", torch.arange(2))
+
+
+def test_energy_of_directions_is_their_share_of_the_squared_norm():
+    M = with_spectrum(40, 20, [4.0, 2.0, 1.0, 0.5]).float()
+    for method in ("gram", "svd"):
+        fac = spectrum.Factorization(M, method=method)
+        assert fac.total == pytest.approx(float(M.double().square().sum()), rel=1e-12)
+        assert fac.energy(torch.tensor([0, 2])) == pytest.approx(17.0, rel=1e-5)
+        assert fac.energy(torch.arange(20)) == pytest.approx(fac.total, rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_all_finite_finds_any_non_finite_value(bad, dtype):
+    x = torch.randn(300, 7).to(dtype)
+    assert spectrum.all_finite(x) and spectrum.all_finite(torch.empty(0))
+    x[123, 4] = bad
+    assert not spectrum.all_finite(x)
+    assert spectrum.all_finite(torch.full((10,), torch.finfo(dtype).max, dtype=dtype))  # large, not inf
+
+
+def test_squared_norm_is_exact_in_float64():
+    x = torch.randn(1000, 130)
+    assert spectrum.squared_norm(x) == pytest.approx(float(x.double().square().sum()), rel=1e-13)

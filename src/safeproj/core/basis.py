@@ -14,6 +14,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from safeproj import __version__
+from safeproj.core.deltas import DeltaSource
 from safeproj.core.projector import energy_share
 from safeproj.core.spectrum import (
     AUTO_METHOD,
@@ -30,13 +32,14 @@ from safeproj.core.spectrum import (
     SELECTIONS,
     as_matrix,
     check_fraction,
+    Factorization,
     energy_spectrum,
-    factorize,
-    gaussian_factors,
+    gaussian_matrix,
     k_for_energy,
     k_for_frac,
     orthogonal_complement,
     pick_indices,
+    squared_norm,
     tensor_seed,
 )
 from safeproj.io import atomic_file
@@ -79,6 +82,11 @@ class BasisEntry:
     def factors(self) -> dict[str, Factor]:
         return {side: f for side, f in (("left", self.left), ("right", self.right)) if f is not None}
 
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors (factors and spectrum)."""
+        stored = [f.Q for f in self.factors().values()] + ([self.spectrum] if self.spectrum is not None else [])
+        return sum(t.numel() * t.element_size() for t in stored)
+
 
 @dataclass
 class Basis:
@@ -101,11 +109,7 @@ class Basis:
 
     def nbytes(self) -> int:
         """Bytes of all stored tensors (factors and spectra)."""
-        total = 0
-        for e in self.entries.values():
-            for t in [f.Q for f in e.factors().values()] + ([e.spectrum] if e.spectrum is not None else []):
-                total += t.numel() * t.element_size()
-        return total
+        return sum(e.nbytes() for e in self.entries.values())
 
     def validate(self, shapes: Mapping[str, tuple]) -> None:
         """Raise ValueError naming the first tensor missing from `shapes` or of another shape."""
@@ -194,16 +198,30 @@ def _read_entry(f, name: str, spec: dict) -> BasisEntry:
     )
 
 
-def _factor(Q: Tensor, idx: Tensor) -> Factor:
-    """The kept columns Q[:, idx] or their complement, whichever has fewer columns."""
-    d, k = Q.shape[0], len(idx)
+def _factor(fac: Factorization, side: str, idx: Tensor, last: bool) -> Factor:
+    """The kept directions idx of one side, or their complement, whichever has fewer columns.
+
+    `last`: no other side follows, so the factorization may free its vectors as it goes.
+    """
+    d, k, r = fac.dim(side), len(idx), min(fac.shape)
     if k <= d - k:
-        return Factor(Q[:, idx].contiguous(), complement=False)
-    if Q.shape[1] == d:  # square orthogonal Q: the unpicked columns span the complement
+        return Factor(fac.vectors(side, idx, release=last), complement=False)
+    if r == d:  # this side's r vectors span R^d: the unpicked ones span the complement
         rest = torch.ones(d, dtype=torch.bool)
         rest[idx] = False
-        return Factor(Q[:, rest].contiguous(), complement=True)
-    return Factor(orthogonal_complement(Q[:, idx]).contiguous(), complement=True)
+        return Factor(fac.vectors(side, rest.nonzero().flatten(), release=last), complement=True)
+    return Factor(orthogonal_complement(fac.vectors(side, idx, release=last)).contiguous(), complement=True)
+
+
+def _loaders(source):
+    """(name, load) per tensor, load() giving Δ. A DeltaSource computes Δ anew on each call, so no
+    one holds it between uses; for any other iterable of (name, Δ) the loader keeps Δ."""
+    if isinstance(source, DeltaSource):
+        for name in source.names():
+            yield name, partial(source.get, name)
+    else:
+        for name, delta in source:
+            yield name, (lambda delta=delta: delta)
 
 
 def build_basis(
@@ -241,32 +259,39 @@ def build_basis(
     entries: dict[str, BasisEntry] = {}
     per_tensor: dict[str, dict] = {}
     total = len(source) if hasattr(source, "__len__") else None
-    for name, delta in tqdm(source, total=total, desc="basis", unit="tensor", disable=not progress):
-        M = as_matrix(delta)
-        m, n = M.shape
+    for name, load in tqdm(_loaders(source), total=total, desc="basis", unit="tensor", disable=not progress):
         if selection == "random":
-            U = V = None
-            S = energy_spectrum(M)
+            delta = load()
+            shape, M = tuple(delta.shape), as_matrix(delta)
+            S, total_energy = energy_spectrum(M), squared_norm(M)
+            m, n = M.shape
+            del delta, M
         else:
-            U, S, V = factorize(M, left=left, right=right, method=method)
+            fac = Factorization(load, method)  # reads Δ again when it needs it
+            S, total_energy, (m, n), shape = fac.S, fac.total, fac.shape, fac.source_shape
         if S[0] == 0:
             raise ValueError(f"delta of {name!r} is zero: exclude it or check the source")
         k = k_for_frac(frac, m, n) if frac is not None else k_for_energy(S, eta)
         if selection == "random":
-            U, _, V = gaussian_factors((m, n), seed, name, left=left, right=right, method=method)
+            fac = Factorization(gaussian_matrix((m, n), seed, name), method)
             idx = pick_indices("top", min(m, n), k, name=name)
         else:
             idx = pick_indices(selection, S.numel(), k, seed, name)
         entry = BasisEntry(
             name=name,
-            shape=tuple(delta.shape),
-            left=_factor(U, idx) if left else None,
-            right=_factor(V, idx) if right else None,
+            shape=shape,
+            left=_factor(fac, "left", idx, last=not right) if left else None,
+            right=_factor(fac, "right", idx, last=True) if right else None,
             energy_kept=0.0,
-            energy_total=float(M.double().square().sum()),
+            energy_total=total_energy,
             spectrum=S if keep_spectrum else None,
         )
-        entry.energy_kept = energy_share(M, entry)
+        if selection == "random":  # Gaussian directions: measure what they keep of Δ
+            del fac
+            entry.energy_kept = energy_share(load(), entry)
+        else:  # Δ's own singular directions keep their σ², on one side or both
+            entry.energy_kept = fac.energy(idx) / total_energy
+            del fac
         entries[name] = entry
         per_tensor[name] = {"k": k, "energy_kept": entry.energy_kept, "energy_total": entry.energy_total}
 

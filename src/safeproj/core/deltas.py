@@ -22,6 +22,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from safeproj.core.spectrum import all_finite
+
 _BLOCK = r"(?:^|\.)(?:layers|h|blocks)\.\d+\."
 DEFAULT_INCLUDE = (
     # Llama/Mistral/Qwen/OPT (q,k,v,o; out_proj), Phi-3 (qkv_proj), GPT-2 (c_attn, c_proj), NeoX/Falcon.
@@ -100,7 +102,7 @@ class DeltaSource:
         """Δ for one tensor: float32, CPU, finite."""
         self._check_name(name)
         delta = self._compute(name)
-        if not torch.isfinite(delta).all():
+        if not all_finite(delta):
             raise ValueError(f"delta of {name!r} contains NaN or inf")
         return delta
 
@@ -212,8 +214,11 @@ class CheckpointDelta(DeltaSource):
 
     def _compute(self, name: str) -> Tensor:
         t, b = self._stored[name]
-        delta = self.tuned.read(t).float()  # a fresh tensor: subtract in place, never three copies at once
-        return delta.sub_(self.base.read(b).float())
+        tuned, base = self.tuned.read(t), self.base.read(b)  # memory-mapped: no copies yet
+        if tuned.dtype == torch.float32:
+            # Into fresh memory: writing into the mapped pages would copy them one page fault at a time.
+            return torch.sub(tuned, base.float())
+        return tuned.float().sub_(base.float())  # .float() copies, so at most three copies at once
 
     def _describe(self) -> dict:
         files = self.tuned.files(t for t, _ in self._stored.values()) + self.base.files(

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from safeproj.core.spectrum import squared_norm
+
 if TYPE_CHECKING:
     from safeproj.core.basis import BasisEntry, Factor
 
@@ -99,10 +101,19 @@ def project(X: Tensor, entry: BasisEntry, keep: str = "parallel") -> Tensor:
 def energy_share(X: Tensor, entry: BasisEntry) -> float:
     """‖P_L·X·P_R‖_F² / ‖X‖_F²: the share of X's energy inside the kept subspace."""
     x = _entry_input(X, entry)
-    total = x.double().square().sum()
+    total = squared_norm(x)
     if total == 0:
         raise ValueError(f"energy share of a zero tensor is undefined ({entry.name!r})")
-    return float(_parallel(x, entry).double().square().sum() / total)
+    factors = entry.factors()
+    if len(factors) == 1:  # ‖QQᵀx‖ = ‖Qᵀx‖: no full-size projection needed
+        (side, f), = factors.items()
+        Q = f.Q.to(device=x.device, dtype=x.dtype)
+        inside = sum(  # a few directions at a time: no k×n product held whole
+            squared_norm(Q[:, j : j + 64].T @ x if side == "left" else x @ Q[:, j : j + 64])
+            for j in range(0, Q.shape[1], 64)
+        )
+        return (max(total - inside, 0.0) if f.complement else inside) / total
+    return squared_norm(_parallel(x, entry)) / total
 
 
 def random_share(entry: BasisEntry) -> float:

@@ -13,9 +13,12 @@ Two exact factorizations are offered:
   vectors 1.2x faster at 2048² and 4096², 4.0x at 2048×8192 and 2.5x at 4096×11008, and the
   values alone (`energy_spectrum`) 2.7-7.8x faster than the SVD, with energy curves equal to
   2e-6 relative.
-  Δ is converted to float64 in blocks of rows, so the path holds no float64 copy of a whole Δ: on
-  SmolLM2-135M this cut the basis build's transient memory from 3.8x to 2.8x the largest
-  (tuned, base) tensor pair, for 5-25 % more factorization time on its shapes.
+  Memory: Δ is converted to float64 in blocks of rows (no float64 copy of a whole Δ), the
+  eigendecomposition overwrites the Gram matrix and needs O(r) workspace (LAPACK's syevr), the
+  other side is recovered only for the columns asked for, and given a function that re-reads Δ,
+  Δ is let go during the eigendecomposition. On SmolLM2-135M this brought the basis build's
+  transient memory from 3.2x to 1.1x the largest (tuned, base) tensor pair
+  (benchmarks/projection.py).
 "auto" takes the Gram path.
 """
 
@@ -23,7 +26,9 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 
+import scipy.linalg
 import torch
 from torch import Tensor
 
@@ -71,65 +76,157 @@ def orthogonal_complement(Qk: Tensor) -> Tensor:
     return _complete(Qk.double(), d - k).to(Qk.dtype)
 
 
-BLOCK = 512  # rows (or columns) converted to float64 at a time: no float64 copy of a whole Δ
+BLOCK = 128  # rows (or columns) converted to float64 at a time: no float64 copy of a whole Δ
+
+
+def _row_blocks(X: Tensor):
+    for start in range(0, X.shape[0], BLOCK):
+        yield start, X[start : start + BLOCK].double()
 
 
 def _gram64(M: Tensor, wide: bool) -> Tensor:
     """ΔΔᵀ (wide) or ΔᵀΔ in float64, accumulated over blocks of Δ."""
     X = M.T if wide else M  # the Gram matrix is XᵀX, summed over row blocks of X
     G = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64)
-    for start in range(0, X.shape[0], BLOCK):
-        B = X[start : start + BLOCK].double()
+    for _, B in _row_blocks(X):
         G.addmm_(B.T, B)
     return G
 
 
-def _recover(A: Tensor, W: Tensor, S: Tensor) -> Tensor:
-    """The other side's singular vectors A·w_i/σ_i (float32, computed in float64 by row blocks), null
-    directions completed orthonormally."""
-    rank = int((S > S[0] * max(A.shape) * FP32_EPS).sum()) if S.numel() and S[0] > 0 else 0
-    Y = torch.empty(A.shape[0], W.shape[1], dtype=torch.float32)
-    for start in range(0, A.shape[0], BLOCK):
-        block = A[start : start + BLOCK].double() @ W
-        block[:, :rank] /= S[:rank]
-        Y[start : start + BLOCK] = block
-    if rank < Y.shape[1]:
-        Y[:, rank:] = _complete(Y[:, :rank].double(), Y.shape[1] - rank)
-    return Y
+CHUNK = 1 << 16  # elements per chunk for element-wise checks and sums
 
 
-def _gram_factors(M: Tensor, left: bool, right: bool) -> tuple[Tensor | None, Tensor, Tensor | None]:
-    m, n = M.shape
-    wide = m <= n  # ΔΔᵀ (m×m) is the smaller Gram matrix
-    evals, evecs = torch.linalg.eigh(_gram64(M, wide))
-    S = evals.flip(0).clamp_min(0).sqrt()
-    direct = evecs.flip(1)  # (r, r), descending
-    del evals, evecs
-    if wide:
-        U = direct if left else None
-        V = _recover(M.T, direct, S) if right else None
-    else:
-        V = direct if right else None
-        U = _recover(M, direct, S) if left else None
-    return _fp32(U), S.float(), _fp32(V)
+def _chunks(M: Tensor):
+    flat = M.reshape(-1)
+    return (flat[i : i + CHUNK] for i in range(0, flat.numel(), CHUNK))
 
 
-def _fp32(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.float().contiguous()
+def all_finite(M: Tensor) -> bool:
+    """No NaN or inf in M: its min and max are finite (NaN propagates through both). One pass and
+    no full-size temporary, where torch.isfinite builds |M| first."""
+    return M.numel() == 0 or all(bool(torch.isfinite(v)) for v in torch.aminmax(M))
+
+
+def squared_norm(M: Tensor) -> float:
+    """‖M‖_F² accumulated in float64, chunk by chunk (no float64 copy of M)."""
+    total = 0.0
+    for c in _chunks(M):
+        c = c.double()
+        total += float(c.dot(c))
+    return total
+
+
+def _eigh_overwrite(G: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of the symmetric float64 G, which is destroyed.
+
+    LAPACK's MRRR driver (syevr) needs O(r) workspace beside its r×r eigenvectors, where
+    torch.linalg.eigh (syevd) copies G and takes 2r² more: the difference between holding two and
+    four Gram-sized buffers at the basis build's peak.
+    """
+    # G is symmetric, so its transpose is the same matrix in the Fortran order LAPACK works in place on.
+    w, Z = scipy.linalg.eigh(G.numpy().T, overwrite_a=True, driver="evr", check_finite=False)
+    return torch.from_numpy(w), torch.from_numpy(Z)
+
+
+class Factorization:
+    """The singular values of Δ and, on demand, chosen singular vectors of either side (float32).
+
+    "svd" keeps U and V of `torch.linalg.svd`. "gram" keeps the eigenvectors W of the smaller Gram
+    matrix; the other side's vectors Δw_i/σ_i are recovered only for the columns asked for, so a
+    basis of k directions never holds all r of them.
+    """
+
+    def __init__(self, delta: Tensor | Callable[[], Tensor], method: str = "auto"):
+        """`delta`: Δ, or a function giving Δ that may be called again. With a function the Gram
+        path lets go of Δ before the eigendecomposition and asks for it again to recover the other
+        side, so Δ, the Gram matrix and its eigenvectors are never all held at once."""
+        _check_choice("method", method, METHODS)
+        reread = delta if callable(delta) else None
+        raw = delta() if reread else delta
+        self.source_shape = tuple(raw.shape)  # before a 1-D Δ becomes a column
+        M = as_matrix(raw)
+        del raw, delta
+        if not all_finite(M):
+            raise ValueError("delta contains NaN or inf")
+        self.shape = tuple(M.shape)
+        self.total = squared_norm(M)  # ‖Δ‖_F², float64
+        self.M, self._reread = M, reread
+        if (AUTO_METHOD if method == "auto" else method) == "svd":
+            U, self.S, Vh = torch.linalg.svd(M, full_matrices=False)
+            self._S64, self._vectors = self.S.double(), {"left": U, "right": Vh.T}
+            return
+        m, n = self.shape
+        self.direct = "left" if m <= n else "right"  # the side whose Gram matrix (r×r) is the smaller
+        G = _gram64(M, self.direct == "left")
+        if reread is not None:
+            self.M = M = None
+        evals, W = _eigh_overwrite(G)
+        del G
+        self._S64 = evals.flip(0).clamp_min(0).sqrt()
+        self.S = self._S64.float()
+        self._W = W  # ascending: column r−1−j holds direction j
+        self._vectors = None
+        s = self._S64
+        self.rank = int((s > s[0] * max(m, n) * FP32_EPS).sum()) if s[0] > 0 else 0
+
+    def energy(self, idx: Tensor) -> float:
+        """Σσ_i² over directions idx: ‖P_L Δ P_R‖_F² for the kept singular vectors on either side."""
+        return float(self._S64[torch.as_tensor(idx, dtype=torch.long)].square().sum())
+
+    def _matrix(self) -> Tensor:
+        return self.M if self.M is not None else as_matrix(self._reread())
+
+    def dim(self, side: str) -> int:
+        return self.shape[0] if side == "left" else self.shape[1]
+
+    def vectors(self, side: str, idx: Tensor | None = None, release: bool = False) -> Tensor:
+        """Singular vectors of `side` for directions `idx` (default all r), as d×len(idx) float32.
+
+        `release`: this is the last request, so the stored eigenvectors are freed as soon as the
+        needed columns are taken, before the other side is recovered.
+        """
+        _check_choice("side", side, SIDES)
+        r = min(self.shape)
+        idx = torch.arange(r) if idx is None else torch.as_tensor(idx, dtype=torch.long)
+        if self._vectors is not None:
+            out = self._vectors[side][:, idx].contiguous()
+            if release:
+                self._vectors = {}
+            return out
+        if self._W is None:
+            raise RuntimeError("the factorization's vectors were released")
+        # Past the numerical rank the recovered side is completed from all the directions before it.
+        complete = side != self.direct and bool((idx >= self.rank).any())
+        taken = torch.arange(self.rank) if complete else idx
+        W = self._W[:, r - 1 - taken]
+        if release:
+            self._W = None
+        if side == self.direct:
+            return W.float()
+        M = self._matrix()
+        A = M if side == "left" else M.T
+        Y = self._recover(A, W, self._S64[taken])
+        if not complete:
+            return Y
+        del W, M, A
+        full = torch.cat([Y, _complete(Y.double(), r - self.rank).float()], dim=1)
+        return full[:, idx].contiguous()
+
+    @staticmethod
+    def _recover(A: Tensor, W: Tensor, S: Tensor) -> Tensor:
+        """A·w_i/σ_i in float64 by row blocks, stored as float32."""
+        Y = torch.empty(A.shape[0], W.shape[1], dtype=torch.float32)
+        for start, B in _row_blocks(A):
+            Y[start : start + BLOCK] = (B @ W).div_(S)
+        return Y
 
 
 def factorize(
     delta: Tensor, left: bool = True, right: bool = True, method: str = "auto"
 ) -> tuple[Tensor | None, Tensor, Tensor | None]:
     """(U m×r or None, S (r,), V n×r or None) with r = min(m, n), S descending, float32."""
-    _check_choice("method", method, METHODS)
-    M = as_matrix(delta)
-    if not torch.isfinite(M).all():
-        raise ValueError("delta contains NaN or inf")
-    if (AUTO_METHOD if method == "auto" else method) == "svd":
-        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        return (U.contiguous() if left else None), S, (Vh.T.contiguous() if right else None)
-    return _gram_factors(M, left, right)
+    f = Factorization(delta, method)
+    return (f.vectors("left") if left else None), f.S, (f.vectors("right") if right else None)
 
 
 def side_spectrum(delta: Tensor, side: str = "left", method: str = "auto") -> tuple[Tensor, Tensor]:
@@ -145,7 +242,7 @@ def energy_spectrum(delta: Tensor) -> Tensor:
     Exact S at a fraction of the SVD's cost; enough for k(η) and energy curves.
     """
     M = as_matrix(delta)
-    if not torch.isfinite(M).all():
+    if not all_finite(M):
         raise ValueError("delta contains NaN or inf")
     return torch.linalg.eigvalsh(_gram64(M, M.shape[0] <= M.shape[1])).flip(0).clamp_min(0).sqrt().float()
 
@@ -205,14 +302,19 @@ def pick_indices(selection: str, r: int, k: int, seed: int = 0, name: str = "") 
     return torch.arange(k)
 
 
+def gaussian_matrix(shape: tuple[int, int], seed: int, name: str) -> Tensor:
+    """The seeded Gaussian matrix of `shape` whose singular vectors are the "random" control."""
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"selection 'random' needs a 2-D matrix shape, got {shape!r}")
+    gen = torch.Generator().manual_seed(tensor_seed(seed, name))
+    return torch.randn(tuple(shape), generator=gen)
+
+
 def gaussian_factors(
     shape: tuple[int, int], seed: int, name: str, left: bool = True, right: bool = True, method: str = "auto"
 ) -> tuple[Tensor | None, Tensor, Tensor | None]:
     """Singular vectors of a seeded Gaussian matrix of `shape` (the "random" control)."""
-    if len(shape) != 2 or min(shape) < 1:
-        raise ValueError(f"selection 'random' needs a 2-D matrix shape, got {shape!r}")
-    gen = torch.Generator().manual_seed(tensor_seed(seed, name))
-    return factorize(torch.randn(tuple(shape), generator=gen), left=left, right=right, method=method)
+    return factorize(gaussian_matrix(shape, seed, name), left=left, right=right, method=method)
 
 
 def select_vectors(
