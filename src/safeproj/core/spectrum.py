@@ -93,12 +93,14 @@ def _gram64(M: Tensor, wide: bool) -> Tensor:
     return G
 
 
-CHUNK = 1 << 16  # elements per chunk for element-wise checks and sums
+CHUNK = 1 << 16  # fewest elements per chunk for element-wise sums
 
 
 def _chunks(M: Tensor):
+    """At most 16 pieces of M's elements (and no fewer than CHUNK each): small temporaries, few steps."""
     flat = M.reshape(-1)
-    return (flat[i : i + CHUNK] for i in range(0, flat.numel(), CHUNK))
+    size = max(CHUNK, -(-flat.numel() // 16))
+    return (flat[i : i + size] for i in range(0, flat.numel(), size))
 
 
 def all_finite(M: Tensor) -> bool:
@@ -109,11 +111,11 @@ def all_finite(M: Tensor) -> bool:
 
 def squared_norm(M: Tensor) -> float:
     """‖M‖_F² accumulated in float64, chunk by chunk (no float64 copy of M)."""
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=M.device)
     for c in _chunks(M):
         c = c.double()
-        total += float(c.dot(c))
-    return total
+        total += c.dot(c)
+    return float(total)
 
 
 def _eigh_overwrite(G: Tensor) -> tuple[Tensor, Tensor]:
