@@ -254,3 +254,18 @@ def test_meta_describes_the_build(source):
     assert set(meta["tensors"]) == set(source.names())
     assert "safeproj_version" in meta
     json.dumps(meta)
+
+
+@pytest.mark.parametrize("selection", ["top", "random-k", "random"])
+@pytest.mark.parametrize("side", ["left", "right", "both"])
+def test_a_source_read_again_builds_what_held_deltas_build(source, selection, side):
+    """A DeltaSource lets the build drop Δ and read it again; (name, Δ) pairs are held throughout.
+    The two must give the same basis."""
+    reread = build_basis(source, frac=0.75, selection=selection, side=side, seed=3, progress=False)
+    held = build_basis(list(source), frac=0.75, selection=selection, side=side, seed=3, progress=False)
+    for name, e in reread.entries.items():
+        for s, f in e.factors().items():
+            g = held[name].factors()[s]
+            assert f.complement == g.complement
+            torch.testing.assert_close(f.Q, g.Q)
+        assert e.energy_kept == held[name].energy_kept and e.energy_total == held[name].energy_total

@@ -10,9 +10,9 @@ Two exact factorizations are offered:
   side recovered as ΔV/σ and its null directions completed by Householder reflections. Squaring
   the matrix halves the accurate digits, so the Gram path works in float64; it then matches or
   beats the float32 SVD, and is faster: benchmarks/overlap.py (CPU, one thread) measured the
-  vectors 1.2x faster at 2048² and 4096², 4.0x at 2048×8192 and 2.5x at 4096×11008, and the
-  values alone (`energy_spectrum`) 2.7-7.8x faster than the SVD, with energy curves equal to
-  2e-6 relative.
+  vectors of the smaller side 1.8x faster at 2048², 2.0x at 4096², 6.0x at 2048×8192 and 4.7x at
+  4096×11008, and the values alone (`energy_spectrum`) 2.5-7.3x faster than the SVD, with energy
+  curves equal to 2e-6 relative.
   Memory: Δ is converted to float64 in blocks of rows (no float64 copy of a whole Δ), the
   eigendecomposition overwrites the Gram matrix and needs O(r) workspace (LAPACK's syevr), the
   other side is recovered only for the columns asked for, and given a function that re-reads Δ,
