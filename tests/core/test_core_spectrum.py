@@ -261,8 +261,9 @@ def test_chosen_columns_equal_the_full_factorization(shape, selection, block):
             assert len(reads) == (0 if source is M else 1 + recovered)  # read again only to recover
 
 
-def test_released_vectors_cannot_be_asked_for_again():
-    fac = spectrum.Factorization(with_spectrum(30, 12, [3.0, 2.0, 1.0]).float())
+@pytest.mark.parametrize("method", ["gram", "svd"])
+def test_released_vectors_cannot_be_asked_for_again(method):
+    fac = spectrum.Factorization(with_spectrum(30, 12, [3.0, 2.0, 1.0]).float(), method=method)
     fac.vectors("left", torch.arange(2), release=True)
     with pytest.raises(RuntimeError, match="released"):
         fac.vectors("right", torch.arange(2))

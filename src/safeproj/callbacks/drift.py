@@ -34,7 +34,7 @@ from safeproj.analysis.plots import heatmap
 from safeproj.callbacks.subspace import BasisOptions, Target, check_rank_choice, expand_spec, find_targets, resolve_basis
 from safeproj.core.basis import BASIS_SIDES, Basis
 from safeproj.core.projector import energy_share, random_share
-from safeproj.core.spectrum import SELECTIONS
+from safeproj.core.spectrum import SELECTIONS, squared_norm
 from safeproj.io import write_csv
 from safeproj.wandb import log_images, log_table
 
@@ -184,7 +184,7 @@ class SubspaceDrift(Callback):
         for t in self.targets:
             entry = self.basis.entries[t.name]
             delta = self.update(t)
-            energy = float(delta.double().square().sum())
+            energy = squared_norm(delta)
             share = energy_share(delta, entry) if energy > 0 else math.nan
             baseline = random_share(entry)
             rows.append(

@@ -42,7 +42,14 @@ from safeproj.callbacks.subspace import Target, check_rank_choice, delta_source,
 from safeproj.core.basis import Factor
 from safeproj.core.deltas import CheckpointDelta, DeltaSource
 from safeproj.core.projector import project_left
-from safeproj.core.spectrum import k_for_energy, k_for_frac, select_vectors, side_spectrum
+from safeproj.core.spectrum import (
+    all_finite,
+    k_for_energy,
+    k_for_frac,
+    select_vectors,
+    side_spectrum,
+    squared_norm,
+)
 from safeproj.model.loading import resolve
 
 VARIANTS = ("safelora", "orthonormal")
@@ -112,9 +119,9 @@ def safelora_projection(
     if V.ndim != 2:
         raise ValueError(f"alignment matrix must be 2-D, got shape {tuple(V.shape)}")
     M = V.float()
-    if not torch.isfinite(M).all():
+    if not all_finite(M):
         raise ValueError("alignment matrix contains NaN or inf")
-    norm = float(M.double().norm())
+    norm = squared_norm(M) ** 0.5
     if norm == 0:
         raise ValueError("alignment matrix is zero: aligned and base weights are equal")
     if variant == "safelora":

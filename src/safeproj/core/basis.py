@@ -30,6 +30,7 @@ from safeproj.core.spectrum import (
     AUTO_METHOD,
     METHODS,
     SELECTIONS,
+    all_finite,
     as_matrix,
     check_fraction,
     Factorization,
@@ -181,7 +182,7 @@ def _read_entry(f, name: str, spec: dict) -> BasisEntry:
             factors[side] = None
             continue
         Q = f.get_tensor(f"{name}::{side}")
-        if Q.ndim != 2 or Q.shape[0] != dims[side] or not torch.isfinite(Q).all():
+        if Q.ndim != 2 or Q.shape[0] != dims[side] or not all_finite(Q):
             raise ValueError(f"factor {name}::{side} has shape {tuple(Q.shape)}, expected {dims[side]} rows")
         factors[side] = Factor(Q, bool(complement))
     if factors["left"] is None and factors["right"] is None:

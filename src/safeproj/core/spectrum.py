@@ -155,7 +155,7 @@ class Factorization:
         self.M, self._reread = M, reread
         if (AUTO_METHOD if method == "auto" else method) == "svd":
             U, self.S, Vh = torch.linalg.svd(M, full_matrices=False)
-            self._S64, self._vectors = self.S.double(), {"left": U, "right": Vh.T}
+            self._S64, self._vectors, self._W = self.S.double(), {"left": U, "right": Vh.T}, None
             return
         m, n = self.shape
         self.direct = "left" if m <= n else "right"  # the side whose Gram matrix (r×r) is the smaller
@@ -193,7 +193,7 @@ class Factorization:
         if self._vectors is not None:
             out = self._vectors[side][:, idx].contiguous()
             if release:
-                self._vectors = {}
+                self._vectors = None
             return out
         if self._W is None:
             raise RuntimeError("the factorization's vectors were released")
