@@ -139,7 +139,7 @@ def main() -> None:
         "pass": speedup >= 20 and cached_s <= 1.0 and cached_requests == 0,
         "note": f"sequential leg timed on {args.sequential_subset} judgments at concurrency 1 and scaled to n",
     }
-    from safeproj.eval.command import write_json  # after the fork: keeps torch out of the server
+    from safeproj.commands.eval import write_json  # after the fork: keeps torch out of the server
 
     write_json(args.out, result)
     print(json.dumps(result, indent=2))

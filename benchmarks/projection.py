@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from safeproj.callbacks.online_projection import OnlineProjection
-from safeproj.callbacks.subspace import find_targets
+from safeproj.core.targets import find_targets
 from safeproj.core.basis import build_basis
 from safeproj.core.deltas import CheckpointDelta, select_names
 from safeproj.io import write_json

@@ -31,3 +31,29 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def judge_server():
+    from helpers.loopback import LoopbackJudgeServer
+
+    with LoopbackJudgeServer(hang=0.6) as server:
+        yield server
+
+
+@pytest.fixture
+def api_key(monkeypatch):
+    from helpers.evaluation import SECRET
+
+    monkeypatch.setenv("SAFEPROJ_TEST_JUDGE_KEY", SECRET)
+    return "SAFEPROJ_TEST_JUDGE_KEY"
+
+
+@pytest.fixture
+def tiny():
+    from helpers.evaluation import spread_weights
+
+    from safeproj.model.loading import load_model
+
+    model, tokenizer = load_model("tiny")
+    return spread_weights(model), tokenizer

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from safeproj.cli import COMMANDS, SafeprojCLI, main
+from safeproj.cli import main
+from safeproj.commands import COMMANDS
+from safeproj.commands.fit import SafeprojCLI
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

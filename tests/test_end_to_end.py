@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from safeproj.callbacks.subspace import BasisOptions, resolve_basis
+from safeproj.core.options import BasisOptions
+from safeproj.model.subspaces import resolve_basis
 from safeproj.cli import main
 from safeproj.core.deltas import CheckpointDelta
 from safeproj.core.projector import project

@@ -7,73 +7,16 @@ import importlib
 import os
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from typing_extensions import override
-
-# Commands beside LightningCLI's Trainer subcommands: name -> "module:function". Each function has
-# typed, documented arguments that jsonargparse turns into flags.
-COMMANDS = {
-    "basis": "safeproj.commands:basis_command",
-    "project": "safeproj.commands:project_command",
-    "overlap": "safeproj.analysis.overlap:overlap_command",
-    "eval": "safeproj.eval.command:eval_command",
-    "activations": "safeproj.analysis.activations_command:activations_command",
-    "sweep": "safeproj.analysis.sweep:sweep_command",
-    "report": "safeproj.analysis.report:report_command",
-}
-
-
-class LoggedSaveConfig(SaveConfigCallback):
-    """Saves `config.yaml` as LightningCLI does and also stores the resolved config in W&B."""
-
-    @override
-    def save_config(self, trainer, pl_module, stage) -> None:
-        from safeproj.wandb import push_config
-
-        push_config(trainer.loggers, self.config.as_dict())
-
-
-class SafeprojCLI(LightningCLI):
-    """LightningCLI with the recipe name as W&B group and tag, and a CSV logger when W&B is disabled."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        from safeproj.data.datamodule import InstructionDataModule
-        from safeproj.model.module import SafeprojLM
-
-        kwargs.setdefault("save_config_callback", LoggedSaveConfig)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(SafeprojLM, InstructionDataModule, *args, **kwargs)
-
-    @override
-    def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.subcommand] if self.subcommand else self.config
-        configs = [str(c) for c in (cfg.get("config") or [])]
-        recipe = Path(configs[-1]).stem if configs else None
-        logger = cfg.trainer.get("logger")
-        if recipe and logger is not None and hasattr(logger, "init_args") and "WandbLogger" in logger.class_path:
-            args = logger.init_args
-            if args.get("group") is None:
-                args.group = recipe
-            tags = list(args.get("tags") or [])
-            if recipe not in tags:
-                args.tags = [*tags, recipe]
-
-    @override
-    def instantiate_trainer(self, **kwargs):
-        trainer = super().instantiate_trainer(**kwargs)
-        from safeproj.wandb import csv_fallback, wandb_loggers, wandb_mode
-
-        if wandb_mode() == "disabled" and wandb_loggers(trainer.loggers):
-            trainer.loggers = [csv_fallback(trainer.default_root_dir)]
-        return trainer
+from safeproj.commands import COMMANDS
 
 
 def lightning_main(args: list[str] | None = None) -> None:
     """`lightning fit --config recipes/mixed.yaml` (lightning 2.6 ships no `lightning` command)."""
     _quiet_defaults()
     with _one_line_errors("safeproj"):
+        from safeproj.commands.fit import SafeprojCLI
+
         SafeprojCLI(args=args)
     _finish_wandb()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -87,3 +88,26 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]], columns: 
             writer.writeheader()
             writer.writerows(rows)
     return Path(path)
+
+
+def plain_float(value: Any) -> float | None:
+    """A finite float, or None for NaN/inf and values that are not numbers (JSON stays strict)."""
+    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def plain_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A post hoc row with numbers as finite floats or None, strings and flags as they are."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if value is None or isinstance(value, (str, bool)):
+            out[key] = value
+        elif isinstance(value, (int, float)) or hasattr(value, "item"):
+            out[key] = plain_float(value)
+        else:
+            out[key] = str(value)
+    return out

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from safeproj.analysis.activations import (
+from safeproj.core.activations import (
     DEFAULT_ETAS,
     activation_mso,
     analyse_recordings,

@@ -9,8 +9,8 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger, WandbLogger
 
-from safeproj.analysis.activations import load_activations, recorded_steps
-from safeproj.analysis.activations_command import activations_command
+from safeproj.core.activations import load_activations, recorded_steps
+from safeproj.commands.activations import activations_command
 from safeproj.callbacks.activation_recorder import ActivationRecorder, decoder_layers
 
 

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from safetensors import safe_open
 
-from safeproj.analysis.activations import load_activations
+from safeproj.core.activations import load_activations
 from safeproj.callbacks import activation_recorder as rec
 from safeproj.callbacks.activation_recorder import (
     ActivationRecorder,

@@ -9,16 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from projection_helpers import TinyLM, random_basis
+from helpers.projection import TinyLM, random_basis
 
-HERE = Path(__file__).parent
+HELPERS = Path(__file__).parents[1] / "helpers"
 
 
 def _run(out: Path, devices: int, basis: Path):
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HELPERS.parent), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
-        [sys.executable, str(HERE / "ddp_worker.py"), str(out), str(devices), str(basis)],
+        [sys.executable, str(HELPERS / "ddp_worker.py"), str(out), str(devices), str(basis)],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -12,12 +12,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from safeproj.callbacks import drift as drift_module
 from safeproj.callbacks.drift import SubspaceDrift, layer_of
 from safeproj.callbacks.online_projection import OnlineProjection
-from safeproj.callbacks.subspace import model_weights
+from safeproj.core.targets import model_weights
 from safeproj.core.basis import Basis, build_basis
 from safeproj.core.deltas import TensorDelta
 from safeproj.model.loading import load_model
 
-from projection_helpers import Capture, RandomTokensLM, trainer
+from helpers.projection import Capture, RandomTokensLM, trainer
 
 
 

@@ -9,7 +9,7 @@ from safeproj.callbacks.online_projection import OnlineProjection
 from safeproj.core.basis import Basis
 from safeproj.core.projector import project
 
-from projection_helpers import Repeat, TinyLM, batch, loader, random_basis, trainer
+from helpers.projection import Repeat, TinyLM, batch, loader, random_basis, trainer
 
 
 def _weights(module, names):

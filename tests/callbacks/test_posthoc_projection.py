@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from safeproj.callbacks.posthoc_projection import SubspaceGrid, Variant, run_variants
-from safeproj.callbacks.subspace import find_weights
+from safeproj.core.targets import find_weights
 from safeproj.core.basis import build_basis
 from safeproj.core.deltas import TensorDelta, select_names
 from safeproj.core.projector import project

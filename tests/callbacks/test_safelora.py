@@ -18,11 +18,11 @@ from safeproj.callbacks.safelora import (
     safelora_projection,
     select_layers,
 )
-from safeproj.callbacks.subspace import model_weights
+from safeproj.core.targets import model_weights
 from safeproj.core.deltas import select_names
 from safeproj.model.loading import load_model
 
-from projection_helpers import Capture, RandomTokensLM, trainer
+from helpers.projection import Capture, RandomTokensLM, trainer
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from safeproj.callbacks.evaluation import HarmEval, UtilityEval
 from safeproj.eval.judges import OpenAIJudge, RefusalJudge
 
-from .conftest import SECRET, TinyLM
+from helpers.evaluation import SECRET, TinyLM
 
 SMALL = {"num_samples": 3, "max_new_tokens": 6, "batch_size": 3, "n_boot": 200}
 

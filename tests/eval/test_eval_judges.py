@@ -23,7 +23,7 @@ from safeproj.eval.judges import (
     retry_after_seconds,
 )
 
-from .conftest import SECRET
+from helpers.evaluation import SECRET
 
 FAST = {"backoff_base": 0.001, "backoff_max": 1.0, "progress": False}
 

@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from safeproj.model.loading import load_model, tiny_dir
-from safeproj.model.module import LoraSettings, SafeprojLM, run_manifest
+from safeproj.model.module import LoraSettings, SafeprojLM
+from safeproj.runs import run_manifest
 
 
 def _batches(tok, n=8):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from overlap_helpers import gaussian, llama_shapes, write_checkpoint
+from helpers.overlap import gaussian, llama_shapes, write_checkpoint
 
 from safeproj.core import spectrum as core_spectrum
 

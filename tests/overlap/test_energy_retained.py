@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from overlap_helpers import gaussian, llama_shapes, orthonormal, with_columns, zeros_like
+from helpers.overlap import gaussian, llama_shapes, orthonormal, with_columns, zeros_like
 
-from safeproj.analysis.overlap import FRACS, SELECTIONS, energy_retained
+from safeproj.commands.overlap import FRACS, SELECTIONS, energy_retained
 from safeproj.core import spectrum as core_spectrum
 from safeproj.core.basis import BasisEntry, Factor
 from safeproj.core.deltas import TensorDelta

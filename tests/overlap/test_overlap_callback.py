@@ -11,10 +11,10 @@ import pytest
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import CSVLogger
-from overlap_helpers import write_checkpoint
+from helpers.overlap import write_checkpoint
 from safetensors.torch import save_file
 
-from safeproj.analysis.overlap import mso_tables
+from safeproj.commands.overlap import mso_tables
 from safeproj.callbacks.overlap import OverlapCallback
 from safeproj.core.deltas import TensorDelta, delta_from_spec, select_names
 from safeproj.model.loading import load_model

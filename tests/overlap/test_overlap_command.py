@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from safeproj.analysis import plots
-from safeproj.analysis.overlap import load_subspaces, mso_table, overlap_command
+from safeproj import plots
+from safeproj.commands.overlap import load_subspaces, mso_table, overlap_command
 from safeproj.core.basis import build_basis
 from safeproj.core.deltas import delta_from_spec
 

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from overlap_helpers import gaussian, llama_shapes, orthonormal, with_columns, zeros_like
+from helpers.overlap import gaussian, llama_shapes, orthonormal, with_columns, zeros_like
 
-from safeproj.analysis.overlap import (
+from safeproj.commands.overlap import (
     ETAS,
     SpectrumCache,
     aggregate,

@@ -9,7 +9,7 @@ marker of the chat template) and streamed to safetensors shards:
     out_dir/step_{step}/manifest.json                           (written last: the step is complete)
 
 A step is written into a hidden folder and renamed when complete, so a crash never leaves a
-half-written step behind. At train end the recordings are analysed (`safeproj.analysis.activations`).
+half-written step behind. At train end the recordings are analysed (`safeproj.core.activations`).
 
 The layer output recorded is the hidden state leaving the decoder layer, i.e.
 `output_hidden_states[L + 1]` for every layer but the last one, where Hugging Face reports the
@@ -156,7 +156,7 @@ class EncodedPrompt:
 
 def generation_suffix(tokenizer, prompt: str) -> str:
     """The text the chat template appends for the assistant turn (its generation prompt)."""
-    from safeproj.model.loading import CHAT_TEMPLATE
+    from safeproj.data.templates import CHAT_TEMPLATE
 
     messages = [{"role": "user", "content": prompt}]
     # The same template choice as safeproj.data.templates.format_prompt.
@@ -526,7 +526,7 @@ class ActivationRecorder(Callback):
         dtype: storage dtype, "float32" or "bfloat16".
         analyse: analyse the recordings at train end (tables, plots, W&B).
         etas: energy shares for the activation MSO.
-        basis: a basis artifact or delta spec (see `safeproj.callbacks.subspace.resolve_basis`;
+        basis: a basis artifact or delta spec (see `safeproj.model.subspaces.resolve_basis`;
             a delta spec is built with its default options, top half of the spectrum, left side)
             to compare the difference-of-means direction with the o_proj / down_proj subspace.
         harmful_set / useful_set: the two prompt sets the analysis contrasts.
@@ -676,12 +676,13 @@ class ActivationRecorder(Callback):
 
     def _analyse(self, trainer: Trainer) -> None:
         from safeproj import wandb as sp_wandb
-        from safeproj.analysis.activations import DEFAULT_ETAS, analyse_recordings, write_report
+        from safeproj.core.activations import DEFAULT_ETAS, analyse_recordings, write_report
 
         try:
             basis = None
             if self.basis is not None:
-                from safeproj.callbacks.subspace import BasisOptions, resolve_basis
+                from safeproj.core.options import BasisOptions
+                from safeproj.model.subspaces import resolve_basis
 
                 basis = resolve_basis(self.basis, BasisOptions())
             report = analyse_recordings(

@@ -30,11 +30,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from safeproj.analysis.plots import heatmap
-from safeproj.callbacks.subspace import BasisOptions, Target, check_rank_choice, expand_spec, find_targets, resolve_basis
-from safeproj.core.basis import BASIS_SIDES, Basis
+from safeproj.plots import heatmap
+from safeproj.callbacks._options import basis_options
+from safeproj.core.targets import Target, find_targets
+from safeproj.model.subspaces import expand_spec, resolve_basis
+from safeproj.core.basis import Basis
 from safeproj.core.projector import energy_share, random_share
-from safeproj.core.spectrum import SELECTIONS, squared_norm
+from safeproj.core.spectrum import squared_norm
 from safeproj.io import write_csv
 from safeproj.wandb import log_images, log_table
 
@@ -74,7 +76,7 @@ class SubspaceDrift(Callback):
     layer × step means; both also go to W&B (image and table) when a WandbLogger is attached.
 
     Args:
-        subspace: basis artifact, `safety:<preset>`, or a delta spec (see `safeproj.callbacks.subspace`).
+        subspace: basis artifact, `safety:<preset>`, or a delta spec (see `safeproj.model.subspaces`).
         every_n_steps: measure every N optimizer steps (and always at train end).
         frac, eta, selection, side, seed, include, exclude: how to build the basis from a delta (ignored
             when `subspace` is an artifact); use the same values as an `OnlineProjection` beside it.
@@ -88,7 +90,7 @@ class SubspaceDrift(Callback):
         self,
         subspace: str,
         every_n_steps: int = 10,
-        frac: float | None = 0.5,
+        frac: float | None = None,
         eta: float | None = None,
         selection: str = "top",
         side: str = "left",
@@ -99,14 +101,11 @@ class SubspaceDrift(Callback):
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise MisconfigurationException(f"SubspaceDrift every_n_steps must be an integer >= 1, got {every_n_steps!r}")
-        if selection not in SELECTIONS:
-            raise MisconfigurationException(f"SubspaceDrift selection={selection!r}: expected one of {SELECTIONS}")
-        if side not in BASIS_SIDES:
-            raise MisconfigurationException(f"SubspaceDrift side={side!r}: expected one of {BASIS_SIDES}")
-        frac, eta = check_rank_choice("SubspaceDrift", frac, eta)
         self.subspace = subspace
         self.every_n_steps = every_n_steps
-        self.options = BasisOptions(frac, eta, selection, side, seed, include, exclude)
+        self.options = basis_options(
+            "SubspaceDrift", frac=frac, eta=eta, selection=selection, side=side, seed=seed, include=include, exclude=exclude
+        )
         self.out_dir = out_dir
         self.basis: Basis | None = None
         self.targets: list[Target] = []

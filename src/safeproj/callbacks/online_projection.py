@@ -10,7 +10,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from safeproj.callbacks.subspace import KEEPS, BasisOptions, check_rank_choice, expand_spec, Target, find_targets, resolve_basis
+from safeproj.callbacks._options import basis_options
+from safeproj.core.options import KEEPS
+from safeproj.core.targets import Target, find_targets
+from safeproj.model.subspaces import expand_spec, resolve_basis
 from safeproj.core.basis import Basis
 from safeproj.core.projector import project, project_left, project_right
 
@@ -33,7 +36,7 @@ class OnlineProjection(Callback):
     expressible on the factors and is refused.
 
     Args:
-        subspace: basis artifact, `safety:<preset>`, or a delta spec (see `safeproj.callbacks.subspace`).
+        subspace: basis artifact, `safety:<preset>`, or a delta spec (see `safeproj.model.subspaces`).
         keep: "parallel" (P_k) or "orthogonal" (P_k⊥).
         on: "update" or "grad".
         frac, eta, selection, side, seed, include, exclude: how to build the basis from a delta
@@ -48,7 +51,7 @@ class OnlineProjection(Callback):
         subspace: str,
         keep: str = "orthogonal",
         on: str = "update",
-        frac: float | None = 0.5,
+        frac: float | None = None,
         eta: float | None = None,
         selection: str = "top",
         side: str = "left",
@@ -60,11 +63,12 @@ class OnlineProjection(Callback):
             raise MisconfigurationException(f"OnlineProjection keep={keep!r}: expected one of {KEEPS}")
         if on not in MODES:
             raise MisconfigurationException(f"OnlineProjection on={on!r}: expected one of {MODES}")
-        frac, eta = check_rank_choice("OnlineProjection", frac, eta)
         self.subspace = subspace
         self.keep = keep
         self.on = on
-        self.options = BasisOptions(frac, eta, selection, side, seed, include, exclude)
+        self.options = basis_options(
+            "OnlineProjection", frac=frac, eta=eta, selection=selection, side=side, seed=seed, include=include, exclude=exclude
+        )
         self.basis: Basis | None = None
         self.targets: list[Target] = []
         self._initial: dict[str, torch.Tensor] = {}

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors import safe_open
 from typing_extensions import override
 
-from safeproj.analysis.overlap import (
+from safeproj.commands.overlap import (
     ETAS,
     SIDES,
     Subspaces,
@@ -26,7 +26,7 @@ from safeproj.analysis.overlap import (
     plot_ratio_heatmap,
     write_rows,
 )
-from safeproj.callbacks.subspace import Target, model_weights
+from safeproj.core.targets import Target, model_weights
 from safeproj.core.deltas import DeltaSource, select_names
 
 _LABEL = re.compile(r"[A-Za-z0-9_.-]+")

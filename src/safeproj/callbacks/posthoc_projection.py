@@ -13,7 +13,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 from typing_extensions import override
 
-from safeproj.callbacks.subspace import KEEPS, Target, delta_source, expand_spec, find_weights
+from safeproj.core.options import KEEPS
+from safeproj.core.targets import Target, find_weights
+from safeproj.model.subspaces import delta_source, expand_spec
 from safeproj.core.basis import BasisEntry, Factor
 from safeproj.core.projector import project, project_left, project_right
 from safeproj.core.spectrum import gaussian_factors, k_for_frac, select_vectors, side_spectrum
@@ -181,7 +183,7 @@ def run_variants(
 
 def write_variant_rows(rows: Sequence[dict], out_dir: Path) -> Path:
     """posthoc.csv and posthoc.json in `out_dir`, each written atomically; returns the CSV path."""
-    from safeproj.analysis.overlap import write_rows
+    from safeproj.commands.overlap import write_rows
 
     write_rows(rows, Path(out_dir) / "posthoc.json")
     return write_rows(rows, Path(out_dir) / "posthoc.csv")
@@ -195,7 +197,7 @@ class PosthocProjection(Callback):
     row; the trained weights are restored afterwards. The reference spectra are computed once per tensor.
 
     Args:
-        subspace: a delta spec or `safety:<preset>` (see `safeproj.callbacks.subspace`).
+        subspace: a delta spec or `safety:<preset>` (see `safeproj.model.subspaces`).
         fracs: rank fractions k = round(frac·min(m, n)).
         selections: "top", "random-k", "random".
         keep: "parallel" (P_k Δ_T, the paper's first experiment) or "orthogonal" (P_k⊥ Δ_T).

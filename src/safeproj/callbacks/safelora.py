@@ -38,7 +38,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from typing_extensions import override
 
-from safeproj.callbacks.subspace import Target, check_rank_choice, delta_source, expand_spec, find_weights, model_weights
+from safeproj.callbacks._options import basis_options
+from safeproj.core.targets import Target, find_weights, model_weights
+from safeproj.model.subspaces import delta_source, expand_spec
 from safeproj.core.basis import Factor
 from safeproj.core.deltas import CheckpointDelta, DeltaSource
 from safeproj.core.projector import project_left
@@ -256,7 +258,7 @@ class SafeLoRA(Callback):
         threshold: float | None = 0.5,
         num_layers: int | None = None,
         variant: str = "safelora",
-        frac: float | None = 0.5,
+        frac: float | None = None,
         eta: float | None = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
@@ -275,7 +277,8 @@ class SafeLoRA(Callback):
             raise MisconfigurationException("SafeLoRA needs threshold or num_layers")
         elif isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1 <= threshold <= 1:
             raise MisconfigurationException(f"SafeLoRA threshold must be a cosine in [-1, 1], got {threshold!r}")
-        frac, eta = check_rank_choice("SafeLoRA", frac, eta)
+        options = basis_options("SafeLoRA", frac=frac, eta=eta)
+        frac, eta = options.frac, options.eta
         self.aligned, self.base = aligned, base
         self.threshold, self.num_layers = threshold, num_layers
         self.variant, self.frac, self.eta = variant, frac, eta

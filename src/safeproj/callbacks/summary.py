@@ -9,8 +9,6 @@ exist by then), so a crashed or killed run never has one.
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,56 +18,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
-from safeproj.io import write_json
-
-SUMMARY_FILE = "summary.json"
-CONFIG_FILE = "config.yaml"
-POSTHOC_FILE = Path("posthoc") / "posthoc.json"
-FORMAT = "safeproj.summary/1"
-# Evaluator results without their prefix (post hoc rows hold `evaluate()` output as it comes).
-UTILITY_NAMES = ("strict_acc", "flexible_acc")
-HARM_NAMES = ("mean_score", "share_5", "refusal_rate", "unscored", "parse_failures", "n_scored")
-
-
-def metric_name(key: str) -> str | None:
-    """`utility/<name>` or `harm/<name>` for an evaluator result (prefixed or not), None for other keys."""
-    if "/" in key:
-        return key
-    base = key.removesuffix("_ci_low").removesuffix("_ci_high")
-    if base in UTILITY_NAMES:
-        return f"utility/{key}"
-    if base in HARM_NAMES:
-        return f"harm/{key}"
-    return None
-
-
-def plain_float(value: Any) -> float | None:
-    """A finite float, or None for NaN/inf and values that are not numbers (JSON stays strict)."""
-    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def plain_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A post hoc row with numbers as finite floats or None, strings and flags as they are."""
-    out: dict[str, Any] = {}
-    for key, value in row.items():
-        if value is None or isinstance(value, (str, bool)):
-            out[key] = value
-        elif isinstance(value, (int, float)) or hasattr(value, "item"):
-            out[key] = plain_float(value)
-        else:
-            out[key] = str(value)
-    return out
-
-
-def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
-    """`data` as JSON, written atomically; NaN is refused (summaries hold None for a missing value)."""
-    return write_json(path, data, allow_nan=False)
-
+from safeproj.io import plain_float, plain_row, write_json
+from safeproj.runs import CONFIG_FILE, FORMAT, POSTHOC_FILE, SUMMARY_FILE, metric_name
 
 class RunSummary(Callback):
     """Writes `<default_root_dir>/summary.json` when a fit finishes.
@@ -123,7 +73,7 @@ class RunSummary(Callback):
         if not trainer.is_global_zero or trainer.interrupted:
             return
         summary = self.collect(trainer)
-        self.path = write_json_atomic(summary, Path(trainer.default_root_dir) / self.filename)
+        self.path = write_json(Path(trainer.default_root_dir) / self.filename, summary, allow_nan=False)
         rank_zero_info(f"RunSummary: {len(summary['metrics'])} metrics -> {self.path}")
 
     def collect(self, trainer: Trainer) -> dict[str, Any]:

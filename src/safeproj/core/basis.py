@@ -25,14 +25,14 @@ from tqdm.auto import tqdm
 
 from safeproj import __version__
 from safeproj.core.deltas import DeltaSource
+from safeproj.core.factors import BasisEntry, Factor
+from safeproj.core.options import BASIS_SIDES, SELECTIONS, check_fraction
 from safeproj.core.projector import energy_share
 from safeproj.core.spectrum import (
     AUTO_METHOD,
     METHODS,
-    SELECTIONS,
     all_finite,
     as_matrix,
-    check_fraction,
     Factorization,
     energy_spectrum,
     gaussian_matrix,
@@ -47,46 +47,6 @@ from safeproj.io import atomic_file
 
 FORMAT = "safeproj.basis"
 FORMAT_VERSION = 1
-BASIS_SIDES = ("left", "right", "both")
-
-
-@dataclass
-class Factor:
-    """One side's subspace. If `complement`, Q's columns span the complement of the kept subspace."""
-
-    Q: Tensor
-    complement: bool = False
-
-    @property
-    def dim(self) -> int:
-        """Dimension d of the space the subspace lives in."""
-        return self.Q.shape[0]
-
-    @property
-    def k(self) -> int:
-        """Dimension of the kept subspace."""
-        return self.dim - self.Q.shape[1] if self.complement else self.Q.shape[1]
-
-
-@dataclass
-class BasisEntry:
-    """The kept subspace of one tensor; `energy_kept` is the share of ‖Δ‖_F² inside it."""
-
-    name: str
-    shape: tuple[int, ...]
-    left: Factor | None
-    right: Factor | None
-    energy_kept: float
-    energy_total: float
-    spectrum: Tensor | None = None
-
-    def factors(self) -> dict[str, Factor]:
-        return {side: f for side, f in (("left", self.left), ("right", self.right)) if f is not None}
-
-    def nbytes(self) -> int:
-        """Bytes of the stored tensors (factors and spectrum)."""
-        stored = [f.Q for f in self.factors().values()] + ([self.spectrum] if self.spectrum is not None else [])
-        return sum(t.numel() * t.element_size() for t in stored)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from safeproj.core.basis import Factor
+from safeproj.core.factors import Factor
 from safeproj.core.spectrum import orthogonal_complement
 
 

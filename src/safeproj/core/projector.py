@@ -7,16 +7,11 @@ proportional to min(k, d − k). 1-D inputs are read as column vectors (m×1).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import Tensor
 
+from safeproj.core.factors import BasisEntry, Factor
+from safeproj.core.options import KEEPS
 from safeproj.core.spectrum import squared_norm
-
-if TYPE_CHECKING:
-    from safeproj.core.basis import BasisEntry, Factor
-
-KEEPS = ("parallel", "orthogonal")
 
 
 def _check_keep(keep: str) -> None:

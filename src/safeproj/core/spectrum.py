@@ -32,10 +32,10 @@ import scipy.linalg
 import torch
 from torch import Tensor
 
-SIDES = ("left", "right")
+from safeproj.core.options import SELECTIONS, SIDES, check_choice, check_fraction, check_seed
+
 METHODS = ("auto", "svd", "gram")
 AUTO_METHOD = "gram"  # as fast or faster than the SVD on every measured shape, and more accurate
-SELECTIONS = ("top", "random-k", "random")
 FP32_EPS = torch.finfo(torch.float32).eps
 
 
@@ -46,11 +46,6 @@ def as_matrix(delta: Tensor) -> Tensor:
     if delta.ndim != 2:
         raise ValueError(f"expected a 1-D or 2-D tensor, got shape {tuple(delta.shape)}")
     return delta.float()
-
-
-def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
 
 
 def _complete(Y: Tensor, cols: int) -> Tensor:
@@ -142,7 +137,7 @@ class Factorization:
         """`delta`: Δ, or a function giving Δ that may be called again. With a function the Gram
         path lets go of Δ before the eigendecomposition and asks for it again to recover the other
         side, so Δ, the Gram matrix and its eigenvectors are never all held at once."""
-        _check_choice("method", method, METHODS)
+        check_choice("method", method, METHODS)
         reread = delta if callable(delta) else None
         raw = delta() if reread else delta
         self.source_shape = tuple(raw.shape)  # before a 1-D Δ becomes a column
@@ -187,7 +182,7 @@ class Factorization:
         `release`: this is the last request, so the stored eigenvectors are freed as soon as the
         needed columns are taken, before the other side is recovered.
         """
-        _check_choice("side", side, SIDES)
+        check_choice("side", side, SIDES)
         r = min(self.shape)
         idx = torch.arange(r) if idx is None else torch.as_tensor(idx, dtype=torch.long)
         if self._vectors is not None:
@@ -233,7 +228,7 @@ def factorize(
 
 def side_spectrum(delta: Tensor, side: str = "left", method: str = "auto") -> tuple[Tensor, Tensor]:
     """(Q, S): singular vectors of one side (left m×r, right n×r) and the full spectrum S (r,)."""
-    _check_choice("side", side, SIDES)
+    check_choice("side", side, SIDES)
     U, S, V = factorize(delta, left=side == "left", right=side == "right", method=method)
     return (U if side == "left" else V), S
 
@@ -247,12 +242,6 @@ def energy_spectrum(delta: Tensor) -> Tensor:
     if not all_finite(M):
         raise ValueError("delta contains NaN or inf")
     return torch.linalg.eigvalsh(_gram64(M, M.shape[0] <= M.shape[1])).flip(0).clamp_min(0).sqrt().float()
-
-
-def check_fraction(what: str, value: float) -> None:
-    """ValueError unless `value` is a number in (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"{what} must be in (0, 1], got {value!r}")
 
 
 def k_for_frac(frac: float, m: int, n: int) -> int:
@@ -287,15 +276,14 @@ def k_for_energy(S: Tensor, eta: float, rtol: float | None = None) -> int:
 
 def tensor_seed(seed: int, name: str) -> int:
     """A per-tensor seed, stable across processes: (seed, crc32(name)), never Python's hash()."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-        raise ValueError(f"seed must be an integer in [0, 2**31), got {seed!r}")
+    check_seed(seed)
     # torch's CPU generator keeps only 32 seed bits; an odd multiplier keeps seeds apart within them.
     return (seed * 0x9E3779B1 + zlib.crc32(name.encode("utf-8"))) & 0xFFFFFFFF
 
 
 def pick_indices(selection: str, r: int, k: int, seed: int = 0, name: str = "") -> Tensor:
     """Column indices of the kept directions among r: the first k, or k seeded at random."""
-    _check_choice("selection", selection, SELECTIONS)
+    check_choice("selection", selection, SELECTIONS)
     if not 1 <= k <= r:
         raise ValueError(f"k={k} is out of range for {name or 'tensor'}: available rank is {r}")
     if selection == "random-k":
@@ -334,8 +322,8 @@ def select_vectors(
     "random": the top-k singular vectors (on `side`) of a Gaussian matrix of `shape`. Random
     choices are seeded per tensor from (seed, name), so they repeat across runs and processes.
     """
-    _check_choice("selection", selection, SELECTIONS)
-    _check_choice("side", side, SIDES)
+    check_choice("selection", selection, SELECTIONS)
+    check_choice("side", side, SIDES)
     if selection == "random":
         if shape is None:
             raise ValueError("selection 'random' needs the matrix shape")

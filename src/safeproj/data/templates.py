@@ -2,7 +2,7 @@
 
 Training examples and generation prompts go through the same chat template, so a model is evaluated
 on exactly the format it was tuned on. Tokenizers without a chat template use the Alpaca-style
-`safeproj.model.loading.CHAT_TEMPLATE`.
+`CHAT_TEMPLATE` below.
 
 Loss is on the response only: every prompt token (system text, user turn, the assistant marker of
 the generation prompt) is labelled -100; the response and its end-of-turn token are learned.
@@ -10,7 +10,17 @@ the generation prompt) is labelled -100; the response and its end-of-turn token 
 
 from __future__ import annotations
 
-from safeproj.model.loading import CHAT_TEMPLATE
+# Alpaca-style template for tokenizers without a chat template; kept in one place so data and
+# evaluation format prompts identically.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}### Instruction:\n{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'assistant' %}### Response:\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}"
+)
+
 
 IGNORE_INDEX = -100  # label value that Hugging Face causal LMs leave out of the loss
 

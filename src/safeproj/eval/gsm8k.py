@@ -215,7 +215,7 @@ def build_prompts(tokenizer, questions: Sequence[str], exemplars: Sequence[dict]
         from safeproj.data.templates import format_prompt
 
         return [format_prompt(tokenizer, q) for q in questions]
-    from safeproj.model.loading import CHAT_TEMPLATE
+    from safeproj.data.templates import CHAT_TEMPLATE
 
     # Same template choice as format_prompt, so 0-shot and n-shot prompts differ only in the turns.
     template = None if getattr(tokenizer, "chat_template", None) else CHAT_TEMPLATE

@@ -12,22 +12,13 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+
+from safeproj.data.templates import CHAT_TEMPLATE
 from safeproj.io import atomic_dir
 
 PRESETS = ("tiny", "smollm2-135m")  # each also as "<preset>-safety"
+SAFETY_SUFFIX = "-safety"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# Alpaca-style template for tokenizers without a chat template; kept in one place so data and
-# evaluation format prompts identically.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
-    "{% elif message['role'] == 'user' %}### Instruction:\n{{ message['content'] }}\n\n"
-    "{% elif message['role'] == 'assistant' %}### Response:\n{{ message['content'] }}{{ eos_token }}\n"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}### Response:\n{% endif %}"
-)
-
 
 def cache_dir() -> Path:
     """Where converted models and generated prerequisites live (`SAFEPROJ_CACHE` overrides)."""
@@ -131,17 +122,45 @@ def tiny_dir(seed: int = 0) -> Path:
 def resolve(name: str, seed: int = 0) -> str:
     """A preset name becomes a local directory; anything else is returned unchanged.
 
-    `<preset>-safety` is the preset safety-tuned on the built-in refusal data (made on first use).
+    `<preset>-safety` is the preset safety-tuned on the built-in refusal data, read from the cache
+    (`safeproj prereq <preset>` makes it; the command line does so on first use).
     """
     if name == "tiny":
         return str(tiny_dir(seed))
     if name == "smollm2-135m":
         return str(smollm_dir())
-    if name.endswith("-safety") and name[: -len("-safety")] in PRESETS:
-        from safeproj.model.prereq import safety_tuned_dir
-
-        return str(safety_tuned_dir(name[: -len("-safety")]))
+    if name.endswith(SAFETY_SUFFIX) and name.removesuffix(SAFETY_SUFFIX) in PRESETS:
+        return str(safety_tuned_dir(name.removesuffix(SAFETY_SUFFIX)))
     return name
+
+
+class PrerequisiteMissing(ValueError):
+    """A cached prerequisite (a safety-tuned preset) has not been made yet."""
+
+    def __init__(self, preset: str):
+        self.preset = preset
+        super().__init__(
+            f"the safety-tuned {preset!r} is not built yet: run `safeproj prereq {preset}` "
+            "(the `lightning`/`safeproj` commands make it on first use)"
+        )
+
+
+def safety_dir(preset: str) -> Path:
+    """Where the safety-tuned version of `preset` is cached (whether or not it exists yet)."""
+    return cache_dir() / "models" / f"{preset}{SAFETY_SUFFIX}"
+
+
+def safety_tuned_dir(preset: str) -> Path:
+    """The cached safety-tuned checkpoint of `preset`; PrerequisiteMissing if not made yet."""
+    if preset not in PRESETS:
+        raise ValueError(
+            f"no built-in safety tuning for {preset!r}; known: {', '.join(PRESETS)} "
+            "(for other models run recipes/safety_tune.yaml and pass its checkpoint)"
+        )
+    target = safety_dir(preset)
+    if not (target / "config.json").is_file():
+        raise PrerequisiteMissing(preset)
+    return target
 
 
 def load_model(

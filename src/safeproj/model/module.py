@@ -13,10 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
 from safeproj.io import atomic_dir
+from safeproj.runs import RUN_MANIFEST
 from safeproj.model.loading import load_model, resolve
-
-RUN_MANIFEST = "safeproj.json"
-
 
 @dataclass
 class LoraSettings:
@@ -219,13 +217,3 @@ def _record_checkpoint(trainer, path: str) -> None:
             logger.experiment.summary["checkpoint_dir"] = path
         else:
             logger.log_hyperparams({"checkpoint_dir": path})
-
-
-def run_manifest(path: str | os.PathLike) -> dict:
-    """The `safeproj.json` of a finished run's checkpoint directory."""
-    file = Path(path) / RUN_MANIFEST
-    if not file.is_file():
-        raise ValueError(f"{path} is not a safeproj run checkpoint (no {RUN_MANIFEST})")
-    return json.loads(file.read_text())
-
-

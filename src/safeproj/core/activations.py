@@ -314,7 +314,7 @@ def change_rows(layer_rows: Sequence[Mapping], mso_rows: Sequence[Mapping] = ())
 
 def plot_mso(mso_rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
     """MSO vs η, one panel per layer: first and last step, uncentered and centered, with baselines."""
-    from safeproj.analysis.plots import new_figure, save_png
+    from safeproj.plots import new_figure, save_png
 
     layers = sorted({r["layer"] for r in mso_rows})
     steps = sorted({r["step"] for r in mso_rows})
@@ -349,7 +349,7 @@ def plot_layers(layer_rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
     """Probe accuracy and difference-of-means norm vs layer, first vs last recorded step."""
     from matplotlib.ticker import MaxNLocator
 
-    from safeproj.analysis.plots import new_figure, save_png
+    from safeproj.plots import new_figure, save_png
 
     steps = sorted({r["step"] for r in layer_rows})
     shown = [steps[0]] if len(steps) == 1 else [steps[0], steps[-1]]

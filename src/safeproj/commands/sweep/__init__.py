@@ -63,8 +63,9 @@ import yaml
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from safeproj.callbacks.summary import SUMMARY_FILE, write_json_atomic
-from safeproj.io import write_text
+from safeproj.commands.prereq import presets_needed
+from safeproj.io import write_json, write_text
+from safeproj.runs import SUMMARY_FILE
 
 DEFAULT_SEEDS = (0, 1, 2)
 # What a seed sets: the global seed (dropout, random init), the data sample and order, which the data
@@ -491,7 +492,7 @@ def check_cell(cell: Cell, sweep: Sweep, out: Path) -> None:
     import io
     import tempfile
 
-    from safeproj.cli import SafeprojCLI
+    from safeproj.commands.fit import SafeprojCLI
 
     class ParseOnly(SafeprojCLI):
         def _set_seed(self) -> None:  # a parse check should not seed (or log "Seed set to") anything
@@ -593,30 +594,13 @@ def _env(sweep: Sweep) -> dict[str, str]:
 
 def _presets(sweep: Sweep) -> list[str]:
     """Presets whose safety-tuned version the runs need (`<preset>-safety` models, `safety:<preset>` specs)."""
-    found: list[str] = []
-
-    def scan(value: Any) -> None:
-        if isinstance(value, str):
-            if value.startswith("safety:"):
-                found.append(value.split(":", 1)[1])
-        elif isinstance(value, list):
-            for v in value:
-                scan(v)
-        elif isinstance(value, dict):
-            for v in value.values():
-                scan(v)
-
+    values: list[Any] = []
     for cell in sweep.cells:
-        models = [v for k, v in cell.overrides.items() if k == "model.model"]
-        if not models:
-            models = [(_read_yaml(cell.recipe).get("model") or {}).get("model")]
-        for model in models:
-            if isinstance(model, str) and model.endswith("-safety"):
-                found.append(model.removesuffix("-safety"))
-        scan(cell.overrides)
-    for step in sweep.after:
-        scan(step.args)
-    return list(dict.fromkeys(found))
+        if "model.model" not in cell.overrides:
+            values.append((_read_yaml(cell.recipe).get("model") or {}).get("model"))
+        values.append(cell.overrides)
+    values.extend(step.args for step in sweep.after)
+    return presets_needed(values)
 
 
 def _prepare(sweep: Sweep, out_dir: Path, env: dict[str, str]) -> None:
@@ -628,15 +612,12 @@ def _prepare(sweep: Sweep, out_dir: Path, env: dict[str, str]) -> None:
     presets = _presets(sweep)
     if not presets:
         return
-    code = (
-        "import sys\nfrom safeproj.model.prereq import safety_tuned_dir\n"
-        "for preset in sys.argv[1:]:\n    print(safety_tuned_dir(preset), flush=True)\n"
-    )
     log = out_dir / "prepare.log"
     tqdm.write(f"preparing safety-tuned presets: {', '.join(presets)} (made once, then cached)")
-    code_rc = launch([sys.executable, "-c", code, *presets], log, env)
-    if code_rc != 0:
-        raise ValueError(f"preparing presets {', '.join(presets)} failed (exit {code_rc}); see {log}")
+    for preset in presets:
+        code_rc = launch([sys.executable, "-m", "safeproj.cli", "prereq", preset], log, env)
+        if code_rc != 0:
+            raise ValueError(f"preparing preset {preset} failed (exit {code_rc}); see {log}")
 
 
 def fit_command(cell: Cell, run_dir: Path, overrides: Path) -> list[str]:
@@ -670,7 +651,7 @@ def fill_placeholders(value: Any, step: AfterStep, seed: int, sweep_out: Path) -
 
 def after_function(command: str) -> Callable[..., Any] | None:
     """The function behind `safeproj <command>`, or None when its module is not available here."""
-    from safeproj.cli import COMMANDS
+    from safeproj.commands import COMMANDS
 
     module, _, name = COMMANDS.get(command, ":").partition(":")
     if not module or importlib.util.find_spec(module) is None:
@@ -869,7 +850,7 @@ def _run_after(sweep: Sweep, out: Path, result: SweepResult, steps: dict) -> Non
                 continue
             record = {"kind": "after", "name": step.name, "command": step.command, "seed": seed,
                       "cells": step.cells, "args": args, "status": "done", "seconds": round(seconds, 2)}
-            write_json_atomic(record, step_dir / AFTER_FILE)
+            write_json(step_dir / AFTER_FILE, record, allow_nan=False)
             _append_index(out, {**record, "dir": str(step_dir.relative_to(out)), "finished": _now()})
             result.after_ran.append(label)
             tqdm.write(f"after-step {label}: done in {seconds:.1f} s")

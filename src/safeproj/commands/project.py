@@ -1,4 +1,4 @@
-"""`safeproj basis` and `safeproj project`: the projection analyses outside a training run."""
+"""`safeproj project`: post hoc projection of a saved run, scored variant by variant."""
 
 from __future__ import annotations
 
@@ -9,50 +9,9 @@ import lightning as L
 from safetensors import safe_open
 
 from safeproj.callbacks.posthoc_projection import FRACS, SELECTIONS, SubspaceGrid, Variant, run_variants, write_variant_rows
-from safeproj.callbacks.subspace import delta_source, find_weights
-from safeproj.model.module import run_manifest
-
-
-def basis_command(
-    delta: str,
-    out: str,
-    frac: float | None = 0.5,
-    eta: float | None = None,
-    selection: str = "top",
-    side: str = "left",
-    seed: int = 0,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
-) -> None:
-    """Build a subspace basis from a weight delta and save it as one safetensors file.
-
-    Args:
-        delta: `TUNED,BASE` checkpoint dirs, a LoRA adapter dir, a finished run's checkpoint dir, or
-            `safety:<preset>` (Δ_S of a preset, safety-tuned on first use).
-        out: the basis file to write (`.safetensors`).
-        frac: keep k = round(frac·min(m, n)) directions per matrix.
-        eta: instead of frac, keep the fewest directions holding this share of ‖Δ‖_F².
-        selection: top, random-k (k random singular vectors of the same SVD) or random (Gaussian).
-        side: left (the paper's choice), right or both.
-        seed: seed of the random selections.
-        include: regexes of tensor names (default: attention and MLP projections of decoder blocks).
-        exclude: regexes of tensor names to leave out.
-    """
-    from safeproj.core.basis import build_basis
-
-    if not out.endswith(".safetensors"):
-        raise ValueError(f"--out {out!r}: a basis is written as a .safetensors file")
-    if eta is not None:
-        frac = None
-    source = delta_source(delta, include, exclude)
-    basis = build_basis(source, frac=frac, eta=eta, selection=selection, side=side, seed=seed)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    basis.save(out)
-    kept = [e.energy_kept for e in basis.entries.values()]
-    print(
-        f"{out}: {len(basis.entries)} tensors, {basis.nbytes() / 2**20:.1f} MiB, "
-        f"mean energy kept {sum(kept) / max(1, len(kept)):.3f}"
-    )
+from safeproj.core.targets import find_weights
+from safeproj.model.subspaces import delta_source
+from safeproj.runs import run_manifest
 
 
 class _Holder(L.LightningModule):

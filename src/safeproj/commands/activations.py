@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from safeproj.analysis.activations import DEFAULT_ETAS, analyse_recordings, recorded_steps, summary_table, write_report
+from safeproj.core.activations import DEFAULT_ETAS, analyse_recordings, recorded_steps, summary_table, write_report
 from safeproj.callbacks.activation_recorder import (
     DEFAULT_PROMPT_SETS,
     POSITIONS,
@@ -98,7 +98,8 @@ def activations_command(
         raise ValueError(f"no complete recordings in {out_dir}")
     weight_basis = None
     if basis is not None:
-        from safeproj.callbacks.subspace import BasisOptions, resolve_basis
+        from safeproj.core.options import BasisOptions
+        from safeproj.model.subspaces import resolve_basis
 
         weight_basis = resolve_basis(basis, BasisOptions())
     report = analyse_recordings(

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from safetensors.torch import save_file
 
-from projection_helpers import TinyLM, batch
+from helpers.projection import TinyLM, batch
 from safeproj.callbacks.online_projection import OnlineProjection
 
 

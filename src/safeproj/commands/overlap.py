@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from safeproj.analysis import plots
+from safeproj import plots
 from safeproj.core import overlap as core_overlap
 from safeproj.core import projector as core_projector
 from safeproj.core import spectrum as core_spectrum
@@ -655,7 +655,7 @@ def summary_lines(rows: Sequence[dict], etas: Sequence[float] | None = None) -> 
 
 
 def load_subspaces(spec: str, include: list[str] | None = None, exclude: list[str] | None = None) -> Subspaces:
-    """A basis artifact (`*.safetensors` with spectra) or any delta spec (see `safeproj.callbacks.subspace`)."""
+    """A basis artifact (`*.safetensors` with spectra) or any delta spec (see `safeproj.model.subspaces`)."""
     if spec.endswith(".safetensors"):
         if not Path(spec).is_file():
             raise FileNotFoundError(f"basis file {spec} does not exist")
@@ -667,7 +667,7 @@ def load_subspaces(spec: str, include: list[str] | None = None, exclude: list[st
         return basis
     if spec.startswith("safety:"):
         # Imported only here: it builds the safety-tuned preset, which needs the model stack.
-        from safeproj.callbacks.subspace import delta_source
+        from safeproj.model.subspaces import delta_source
 
         return delta_source(spec, include, exclude)
     return delta_from_spec(spec, include, exclude)

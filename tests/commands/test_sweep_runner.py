@@ -1,6 +1,6 @@
 """The sweep runner: spec checks, per-run configs, skip/resume, failures and after-steps.
 
-Runs are launched through `safeproj.analysis.sweep.launch`; here it is replaced by a function that does
+Runs are launched through `safeproj.commands.sweep.launch`; here it is replaced by a function that does
 what a finished run does to its folder (a summary.json with status done), so resume logic is checked
 by counting launches without training anything. tests/analysis/test_smoke_sweep.py runs real ones.
 """
@@ -12,10 +12,10 @@ import pytest
 import yaml
 from filelock import FileLock
 
-from safeproj.analysis import sweep as sweep_module
-from safeproj.analysis.sweep import LOCK_FILE, check_cell, load_spec, run_config, run_sweep, sweep_command
-from safeproj.callbacks.summary import write_json_atomic
-from safeproj.cli import SafeprojCLI
+from safeproj.commands import sweep as sweep_module
+from safeproj.commands.sweep import LOCK_FILE, check_cell, load_spec, run_config, run_sweep, sweep_command
+from safeproj.io import write_json
+from safeproj.commands.fit import SafeprojCLI
 
 ROOT = Path(__file__).resolve().parents[2]
 MIXED = str(ROOT / "recipes" / "mixed.yaml")
@@ -57,8 +57,7 @@ class FakeRuns:
         if (labels["cell"], labels["seed"]) in self.fail:
             return 1
         (root / "checkpoint").mkdir(exist_ok=True)
-        write_json_atomic({"status": "done", "labels": labels, "config": overrides, "metrics": {}, "posthoc": []},
-                          root / "summary.json")
+        write_json(root / "summary.json", {"status": "done", "labels": labels, "config": overrides, "metrics": {}, "posthoc": []})
         return 0
 
 

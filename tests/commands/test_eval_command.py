@@ -8,10 +8,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from safeproj.eval.command import eval_command, load_for_eval
+from safeproj.commands.eval import eval_command, load_for_eval
 from safeproj.model.loading import load_model
 
-from .conftest import SECRET, spread_weights
+from helpers.evaluation import SECRET, spread_weights
 
 SMALL = {"num_samples": 2, "utility_max_new_tokens": 4, "harm_max_new_tokens": 4, "batch_size": 2, "device": "cpu"}
 

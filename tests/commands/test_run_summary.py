@@ -11,7 +11,9 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
-from safeproj.callbacks.summary import RunSummary, metric_name, plain_float
+from safeproj.callbacks.summary import RunSummary
+from safeproj.io import plain_float
+from safeproj.runs import metric_name
 
 
 class Regression(L.LightningModule):

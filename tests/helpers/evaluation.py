@@ -1,28 +1,13 @@
-"""Fixtures for the evaluation tests: a loopback judge server, a key in the environment, tiny models."""
+"""Evaluation helpers: a test key, a tiny model whose greedy outputs depend on the prompt, a stand-in module."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from lightning.pytorch import LightningModule
 
 from safeproj.model.loading import load_model
 
-from .loopback import LoopbackJudgeServer
-
 SECRET = "sk-test-5ecr3t-do-not-leak-0123456789"
-
-
-@pytest.fixture
-def judge_server():
-    with LoopbackJudgeServer(hang=0.6) as server:
-        yield server
-
-
-@pytest.fixture
-def api_key(monkeypatch):
-    monkeypatch.setenv("SAFEPROJ_TEST_JUDGE_KEY", SECRET)
-    return "SAFEPROJ_TEST_JUDGE_KEY"
 
 
 def spread_weights(model, seed: int = 1, std: float = 0.3):
@@ -33,12 +18,6 @@ def spread_weights(model, seed: int = 1, std: float = 0.3):
             if p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
     return model
-
-
-@pytest.fixture
-def tiny():
-    model, tokenizer = load_model("tiny")
-    return spread_weights(model), tokenizer
 
 
 class TinyLM(LightningModule):

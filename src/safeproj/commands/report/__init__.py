@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from safeproj.analysis import plots
-from safeproj.analysis.sweep import DEFAULT_SEED_KEYS
-from safeproj.callbacks.summary import SUMMARY_FILE, metric_name, write_json_atomic
+from safeproj import plots
+from safeproj.commands.sweep import DEFAULT_SEED_KEYS
+from safeproj.runs import SUMMARY_FILE, metric_name
 from safeproj.eval.stats import bootstrap_ci
-from safeproj.io import write_csv, write_text
+from safeproj.io import write_csv, write_json, write_text
 
 MISSING = "—"
 SELECTION_ORDER = ("full", "top", "random-k", "random")
@@ -782,7 +782,7 @@ def report_command(
         lines += compare_lines(compare, found, n_boot)
 
     written["markdown"] = str(write_text(out / "report.md", "\n".join(lines) + "\n"))
-    written["json"] = str(write_json_atomic(rows, out / "report.json"))
+    written["json"] = str(write_json(out / "report.json", rows, allow_nan=False))
     if rows:
         written["csv"] = str(write_csv(out / "report.csv", rows))
     wandb_dir = log_wandb(out, rows, images)

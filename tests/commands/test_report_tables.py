@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from safeproj.analysis.report import (
+from safeproj.commands.report import (
     MISSING,
     difference_ci,
     load_runs,

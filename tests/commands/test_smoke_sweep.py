@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from safeproj.analysis import sweep as sweep_module
-from safeproj.analysis.report import report_command
-from safeproj.analysis.sweep import sweep_command
+from safeproj.commands import sweep as sweep_module
+from safeproj.commands.report import report_command
+from safeproj.commands.sweep import sweep_command
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "recipes" / "sweeps" / "smoke.yaml"
