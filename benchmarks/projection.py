@@ -11,8 +11,11 @@
    will) sampled during the build, above the RSS before it, less the part of the basis finished at
    that moment, against the largest (tuned, base) tensor pair.
 3. Basis bytes / projected weight bytes for each frac.
+4. PosthocProjection peak memory: in a fresh process, the anonymous RSS sampled while its train-end
+   work runs (reference spectra, then each variant, every selection at --posthoc-fracs, put into the
+   model and restored; no evaluator), above the RSS of the trained model, against the model's bytes.
 
-    python benchmarks/projection.py [--out benchmarks/results/projection.json] [--quick] [--parts memory size]
+    python benchmarks/projection.py [--out benchmarks/results/projection.json] [--quick] [--parts memory size posthoc]
 """
 
 from __future__ import annotations
@@ -32,13 +35,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from safeproj.callbacks.online_projection import OnlineProjection
-from safeproj.core.targets import find_targets
 from safeproj.core.basis import build_basis
 from safeproj.core.deltas import CheckpointDelta, select_names
+from safeproj.core.targets import find_targets
 from safeproj.io import write_json
 from safeproj.model.loading import load_model, resolve
 
-PARTS = ("overhead", "memory", "size")
+PARTS = ("overhead", "memory", "size", "posthoc")
 
 
 def rss_anon() -> int:
@@ -212,29 +215,80 @@ def _build_trace(tuned: str, base: str, frac: float) -> dict:
     }
 
 
-def build_memory(model_name: str, frac: float, tmp: Path) -> dict:
-    """The build's transient memory, measured in a fresh process: in this one, memory that earlier
-    phases freed is reused by the allocator and would hide the build's own peak."""
-    base = resolve(model_name)
-    tuned = perturbed_copy(base, tmp / f"tuned-mem-{model_name}")
+def in_fresh_process(fn, *args):
+    """fn(*args) in a fresh process: in this one, memory that earlier phases freed is reused by the
+    allocator and would hide the measured work's own peak."""
     # glibc serves every allocation above 64 KiB by mmap and unmaps it on free, so the RSS follows live
     # memory instead of the heap's high-water mark (its default threshold adapts upwards at run time).
     previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     try:
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            trace = pool.apply(_build_trace, (str(tuned), base, frac))
+            return pool.apply(fn, args)
     finally:
         if previous is None:
             os.environ.pop("MALLOC_MMAP_THRESHOLD_")
         else:
             os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
+
+
+def build_memory(model_name: str, frac: float, tmp: Path) -> dict:
+    """The build's transient memory, measured in a fresh process."""
+    base = resolve(model_name)
+    tuned = perturbed_copy(base, tmp / f"tuned-mem-{model_name}")
+    trace = in_fresh_process(_build_trace, str(tuned), base, frac)
     return {
         "model": model_name,
         "frac": frac,
         **trace,
         "transient_over_largest_pair": trace["transient_bytes"] / trace["largest_pair_bytes"],
         "target": 1.3,
+    }
+
+
+def _posthoc_trace(model_name: str, reference: str, root: str, fracs: list[float]) -> dict:
+    """Peak anonymous RSS of PosthocProjection's train end above the trained model."""
+    from types import SimpleNamespace
+
+    from safeproj.callbacks.posthoc_projection import PosthocProjection
+
+    model, _ = load_model(model_name)
+    module = SimpleNamespace(model=model, model_name=model_name, base_dir=resolve(model_name))
+    trainer = SimpleNamespace(is_global_zero=True, global_rank=0, callbacks=[], loggers=[], default_root_dir=root)
+    callback = PosthocProjection(reference, fracs=fracs, out_dir=str(Path(root) / "posthoc"))
+    callback.setup(trainer, module, "fit")
+    callback.on_train_start(trainer, module)
+    targets = callback._targets
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # training: every projected weight moves
+        for t in targets:
+            t.weight.add_(1e-3 * torch.randn(t.weight.shape, generator=g))
+    # One-time library workspaces belong to the process: warm them up on one matrix of every shape.
+    build_basis([(str(s), torch.randn(s)) for s in {t.weight.shape for t in targets}], frac=0.5, progress=False)
+    start = time.perf_counter()
+    with MemoryTrace() as mem:
+        callback.on_train_end(trainer, module)
+    return {
+        "seconds": time.perf_counter() - start,
+        "variants": len(callback.rows),
+        "peak_above_trained_bytes": max(r for _, r in mem.samples) - mem.base,
+        "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "projected_weights_bytes": sum(t.weight.numel() * t.weight.element_size() for t in targets),
+    }
+
+
+def posthoc_memory(model_name: str, fracs: list[float], tmp: Path) -> dict:
+    """PosthocProjection's peak memory at train end (every selection at `fracs`), measured in a fresh process."""
+    base = resolve(model_name)
+    tuned = perturbed_copy(base, tmp / f"tuned-posthoc-{model_name}", scale=1e-2)
+    root = str(tmp / f"posthoc-{model_name}")
+    trace = in_fresh_process(_posthoc_trace, model_name, f"{tuned},{base}", root, fracs)
+    return {
+        "model": model_name,
+        "fracs": fracs,
+        **trace,
+        "peak_over_model": trace["peak_above_trained_bytes"] / trace["model_bytes"],
+        "target": 1.2,
     }
 
 
@@ -261,6 +315,10 @@ def main() -> None:
     )
     parser.add_argument("--accumulate-fracs", type=float, nargs="+", default=[0.5], help="SmolLM2 fracs at that size")
     parser.add_argument("--size-fracs", type=float, nargs="+", default=[0.01, 0.25, 0.5, 0.75, 0.99])
+    parser.add_argument(
+        "--posthoc-fracs", type=float, nargs="+", default=[0.5],
+        help="fracs of the post hoc grid (its peak is per tensor, so one frac measures it; more take longer)",
+    )
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -273,7 +331,13 @@ def main() -> None:
             models.append("smollm2-135m")
     except FileNotFoundError:
         pass
-    result = {"torch_threads": torch.get_num_threads(), "overhead": [], "build_memory": [], "basis_size": []}
+    result = {
+        "torch_threads": torch.get_num_threads(),
+        "overhead": [],
+        "build_memory": [],
+        "basis_size": [],
+        "posthoc_memory": [],
+    }
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for name in models:
@@ -291,6 +355,9 @@ def main() -> None:
                 print(json.dumps(result["build_memory"][-1]))
             if "size" in args.parts:
                 result["basis_size"] += basis_sizes(name, args.size_fracs, tmp)
+            if "posthoc" in args.parts:
+                result["posthoc_memory"].append(posthoc_memory(name, args.posthoc_fracs, tmp))
+                print(json.dumps(result["posthoc_memory"][-1]), flush=True)
     write_json(args.out, result)
     print(f"wrote {args.out}")
 

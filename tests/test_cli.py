@@ -28,7 +28,10 @@ def test_recipe_parses_and_instantiates(recipe, tmp_path):
 
 
 class _ParseOnly(SafeprojCLI):
-    """Parses and validates a config without building anything (hub presets need a network)."""
+    """Parses and type-checks a config without building or checking files (hub presets need a network)."""
+
+    def check_config(self) -> None:
+        pass
 
     def instantiate_classes(self) -> None:
         pass
@@ -50,16 +53,50 @@ def test_preset_layers_over_a_recipe(preset):
 def test_unknown_config_key_is_one_line(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["fit", "--config", str(ROOT / "recipes/mixed.yaml"), "--model.no_such_key", "1"])
-    assert exc.value.code != 0
-    err = capsys.readouterr().err
-    assert "no_such_key" in err
-
-
-def test_unknown_model_is_one_line():
-    with pytest.raises(SystemExit) as exc:
-        main(["fit", "--config", str(ROOT / "recipes/mixed.yaml"), "--model.model", "not-a-model"])
     message = str(exc.value.code)
-    assert message.startswith("safeproj: error:") and "not-a-model" in message and "\n" not in message
+    assert message.startswith("safeproj fit: error:") and "no_such_key" in message and "\n" not in message
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("args", [[], ["--help"], ["-h"]], ids=["bare", "--help", "-h"])
+def test_overview_lists_every_command_with_its_description(args, capsys):
+    main(args)
+    out = capsys.readouterr().out
+    listed = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and line.split()}
+    assert set(COMMANDS) | {"fit", "validate"} <= set(listed)
+    assert "test" not in listed and "predict" not in listed
+    assert "Build a subspace basis from a weight delta" in listed["basis"]
+    assert "optimization routine" in listed["fit"]
+    assert all(len(line.split()) > 2 for name, line in listed.items() if name != "--debug")
+
+
+def test_only_working_trainer_commands_are_offered():
+    # SafeprojLM has no test_step or predict_step.
+    assert set(SafeprojCLI.subcommands()) == {"fit", "validate"}
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "--config", str(ROOT / "recipes/mixed.yaml")])
+    assert "predict_step" in str(exc.value.code)
+
+
+@pytest.mark.parametrize(
+    ("command", "flags"),
+    [("basis", ["--delta", "--out"]), ("overlap", ["--a", "--b"]), ("project", ["--run", "--subspace"]),
+     ("eval", ["--model"]), ("activations", ["--model"])],
+)  # fmt: skip
+def test_analysis_commands_take_flags(command, flags, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    usage = capsys.readouterr().out
+    assert all(f"{flag} " in usage for flag in flags), usage[:600]
+
+
+def test_positional_argument_where_it_reads_naturally():
+    from safeproj.commands.dispatch import parse_command
+
+    assert parse_command("sweep", ["spec.yaml"]).spec == "spec.yaml"
+    assert parse_command("judge", ["eval.json", "--out", "x.json"]).eval_output == "eval.json"
+    assert parse_command("basis", ["--delta", "a,b", "--out", "b.safetensors"]).out == "b.safetensors"
 
 
 def test_extra_commands_are_importable():
@@ -68,3 +105,18 @@ def test_extra_commands_are_importable():
     for name, target in COMMANDS.items():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), name
+
+
+def test_adverts_and_the_seed_notice_are_silenced(caplog):
+    from lightning.fabric.utilities.seed import seed_everything
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from safeproj.commands.quiet import quiet_defaults
+
+    quiet_defaults()
+    with caplog.at_level("INFO"):
+        rank_zero_info("💡 Tip: For seamless cloud logging, try installing another product")
+        rank_zero_info("InstructionDataModule: 30 train + 2 val examples")
+        seed_everything(0)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["InstructionDataModule: 30 train + 2 val examples"]

@@ -1,20 +1,51 @@
-"""Command line: `safeproj` / `lightning` = LightningCLI over SafeprojLM and InstructionDataModule,
-plus the analysis commands (`safeproj overlap|eval|activations|project|basis|sweep|report`)."""
+"""Command line: `safeproj` / `lightning` = LightningCLI over SafeprojLM and InstructionDataModule (fit,
+validate), plus the analysis commands (`safeproj basis|project|overlap|eval|judge|activations|sweep|report|prereq`).
+
+Bad input ends with one line on stderr and a non-zero exit; `--debug` or SAFEPROJ_DEBUG=1 shows the traceback.
+"""
 
 from __future__ import annotations
 
-import importlib
-import os
 import sys
-from contextlib import contextmanager
 
-from safeproj.commands import COMMANDS
+from safeproj.commands import COMMANDS, TRAINER_COMMANDS
 
 
-def lightning_main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None) -> None:
+    """`safeproj <command> ...`; bare `safeproj` and `safeproj --help` list the commands."""
+    from safeproj.commands.errors import split_debug
+
+    args, debug = split_debug(sys.argv[1:] if args is None else list(args))
+    if not args or args[0] in ("-h", "--help"):
+        from safeproj.commands.dispatch import overview
+
+        print(overview())
+        return
+    if args[0] not in COMMANDS:
+        if not args[0].startswith("-") and args[0] not in TRAINER_COMMANDS:
+            from safeproj.commands.dispatch import unknown_command
+
+            raise SystemExit(f"safeproj: error: {unknown_command(args[0])}")
+        lightning_main(args, debug=debug)
+        return
+    from safeproj.commands.dispatch import run_command
+    from safeproj.commands.errors import one_line_errors
+    from safeproj.commands.quiet import quiet_defaults
+
+    quiet_defaults()
+    with one_line_errors(f"safeproj {args[0]}", debug):
+        run_command(args[0], args[1:])
+
+
+def lightning_main(args: list[str] | None = None, debug: bool = False) -> None:
     """`lightning fit --config recipes/mixed.yaml` (lightning 2.6 ships no `lightning` command)."""
-    _quiet_defaults()
-    with _one_line_errors("safeproj"):
+    from safeproj.commands.errors import one_line_errors, split_debug
+    from safeproj.commands.quiet import quiet_defaults
+
+    args, flagged = split_debug(sys.argv[1:] if args is None else list(args))
+    quiet_defaults()
+    prog = f"safeproj {args[0]}" if args and args[0] in TRAINER_COMMANDS else "safeproj"
+    with one_line_errors(prog, debug or flagged):
         from safeproj.commands.fit import SafeprojCLI
 
         SafeprojCLI(args=args)
@@ -28,50 +59,6 @@ def _finish_wandb() -> None:
 
     if wandb.run is not None:
         wandb.finish()
-
-
-@contextmanager
-def _one_line_errors(prog: str):
-    """Bad input ends with one line naming the problem; SAFEPROJ_DEBUG=1 shows the traceback."""
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    try:
-        yield
-    except (ValueError, FileNotFoundError, MisconfigurationException) as err:
-        if os.environ.get("SAFEPROJ_DEBUG"):
-            raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        raise SystemExit(f"{prog}: error: {message}") from None
-
-
-def main(args: list[str] | None = None) -> None:
-    args = sys.argv[1:] if args is None else list(args)
-    if args and args[0] in COMMANDS:
-        from jsonargparse import CLI
-
-        _quiet_defaults()
-        module, func = COMMANDS[args[0]].split(":")
-        try:
-            function = getattr(importlib.import_module(module), func)
-        except (ImportError, AttributeError) as err:
-            raise SystemExit(f"safeproj {args[0]}: not available ({err})") from None
-        with _one_line_errors(f"safeproj {args[0]}"):
-            CLI(function, args=args[1:], prog=f"safeproj {args[0]}")
-        return
-    if args and args[0] in ("-h", "--help"):
-        print("usage: safeproj {fit,validate,test,predict," + ",".join(COMMANDS) + "} ...")
-        print("  fit/validate/test/predict: LightningCLI over SafeprojLM + InstructionDataModule")
-        for name, target in COMMANDS.items():
-            print(f"  {name:<12} {target}")
-        return
-    lightning_main(args)
-
-
-def _quiet_defaults() -> None:
-    # Tokenizers fork warnings and telemetry are noise in a training log.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("WANDB_SILENT", "true")
 
 
 if __name__ == "__main__":

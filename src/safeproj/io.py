@@ -90,6 +90,16 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]], columns: 
     return Path(path)
 
 
+def write_rows(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Rows as CSV or JSON, chosen by the suffix of `path`."""
+    path = Path(path)
+    if path.suffix not in (".csv", ".json"):
+        raise ValueError(f"rows are written as .csv or .json, got {str(path)!r}")
+    if path.suffix == ".csv":
+        return write_csv(path, rows)
+    return write_json(path, list(rows), indent=1, default=str)
+
+
 def plain_float(value: Any) -> float | None:
     """A finite float, or None for NaN/inf and values that are not numbers (JSON stays strict)."""
     if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:

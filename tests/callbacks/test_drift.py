@@ -9,16 +9,14 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from helpers.projection import Capture, RandomTokensLM, trainer
 from safeproj.callbacks import drift as drift_module
-from safeproj.callbacks.drift import SubspaceDrift, layer_of
+from safeproj.callbacks.drift import SubspaceDrift
 from safeproj.callbacks.online_projection import OnlineProjection
-from safeproj.core.targets import model_weights
 from safeproj.core.basis import Basis, build_basis
 from safeproj.core.deltas import TensorDelta
+from safeproj.core.targets import model_weights
 from safeproj.model.loading import load_model
-
-from helpers.projection import Capture, RandomTokensLM, trainer
-
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +70,6 @@ def test_arguments_are_checked():
     ]:
         with pytest.raises(MisconfigurationException, match=match):
             SubspaceDrift("basis.safetensors", **kwargs)
-
-
-def test_layer_of():
-    assert layer_of("model.layers.12.mlp.up_proj.weight") == "layer_12"
-    assert layer_of("transformer.h.3.attn.c_attn.weight") == "layer_3"
-    assert layer_of("lm_head.weight") == "lm_head"
 
 
 def test_unprojected_run_logs_the_share_of_its_update(tmp_path, basis_file, monkeypatch):

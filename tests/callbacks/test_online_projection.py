@@ -5,11 +5,10 @@ import pytest
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+from helpers.projection import Repeat, TinyLM, batch, loader, random_basis, trainer
 from safeproj.callbacks.online_projection import OnlineProjection
 from safeproj.core.basis import Basis
 from safeproj.core.projector import project
-
-from helpers.projection import Repeat, TinyLM, batch, loader, random_basis, trainer
 
 
 def _weights(module, names):

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from safeproj.callbacks.posthoc_projection import SubspaceGrid, Variant, run_variants
-from safeproj.core.targets import find_weights
+from safeproj.callbacks.posthoc_projection import PosthocProjection
 from safeproj.core.basis import build_basis
-from safeproj.core.deltas import TensorDelta, select_names
+from safeproj.core.deltas import RunDelta, TensorDelta, select_names
+from safeproj.core.energy import SubspaceGrid, Variant
 from safeproj.core.projector import project
+from safeproj.core.targets import find_weights
+from safeproj.core.variants import run_variants
 from safeproj.model.loading import load_model
+
+Q0 = "model.layers.0.self_attn.q_proj.weight"
 
 
 class Probe:
@@ -53,7 +59,7 @@ def test_every_variant_is_the_initial_weights_plus_the_projected_update(setting,
     grid = SubspaceGrid(reference, [t.name for t in targets], side=side, seed=5, progress=False)
     variants = [Variant(f, s) for f in (0.25, 0.5) for s in ("top", "random-k", "random")]
     probe = Probe(targets)
-    rows = list(run_variants(model, targets, initial, grid, variants, keep, [probe]))
+    rows = list(run_variants(model, RunDelta(targets, held=initial), grid, variants, keep, [probe]))
 
     assert [r["variant"] for r in rows] == ["full"] + [v.name for v in variants]
     assert rows[0]["energy_kept"] == pytest.approx(1.0)
@@ -92,6 +98,73 @@ def test_a_failing_evaluator_leaves_the_trained_weights_in_place(setting):
     grid = SubspaceGrid(reference, [t.name for t in targets], progress=False)
     probe = Probe(targets, fail_at=2)
     with pytest.raises(RuntimeError, match="evaluator failed"):
-        list(run_variants(model, targets, initial, grid, [Variant(0.25, "top"), Variant(0.5, "top")], "parallel", [probe]))
+        variants = [Variant(0.25, "top"), Variant(0.5, "top")]
+        list(run_variants(model, RunDelta(targets, held=initial), grid, variants, "parallel", [probe]))
     for t in targets:
         assert torch.equal(t.weight, trained[t.name])
+
+
+def test_spectra_kept_on_disk_give_the_same_variants(setting, tmp_path):
+    model, targets, initial, _, reference = setting
+    names = [t.name for t in targets]
+    variants = [Variant(f, s) for f in (0.25, 0.5) for s in ("top", "random-k", "random")]
+    results = {}
+    for where, folder in (("memory", None), ("disk", tmp_path)):
+        grid = SubspaceGrid(reference, names, side="both", seed=5, progress=False, cache_dir=folder)
+        probe = Probe(targets)
+        rows = list(run_variants(model, RunDelta(targets, held=initial), grid, variants, "parallel", [probe]))
+        results[where] = rows, probe.seen
+    assert all(not cache._memory for cache in grid.caches.values())  # no tensor's vectors held between uses
+    assert results["disk"][0] == results["memory"][0]
+    for on_disk, in_memory in zip(results["disk"][1], results["memory"][1]):
+        assert all(torch.equal(on_disk[name], in_memory[name]) for name in names)
+
+
+class Evaluator(L.Callback):
+    """A callback with `evaluate`, as UtilityEval and HarmEval have: the norm of one weight. It also notes
+    which start copies a PosthocProjection listed before it holds once training starts."""
+
+    prefix = "probe"
+
+    def __init__(self, posthoc):
+        self.posthoc, self.held = posthoc, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.held = dict(self.posthoc._run.held)
+
+    def evaluate(self, module):
+        return {"q0": float(module.model.get_parameter(Q0).detach().norm())}
+
+
+def test_callback_scores_the_run_from_its_start_on_disk(tmp_path):
+    from helpers.overlap import write_checkpoint
+    from helpers.projection import TinyLM, loader, trainer
+
+    module = TinyLM()
+    start = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    module.base_dir = write_checkpoint(tmp_path / "start", start)
+    gen = torch.Generator().manual_seed(7)
+    tuned = {n: t + torch.randn(t.shape, generator=gen) for n, t in start.items()}
+    reference = f"{write_checkpoint(tmp_path / 'tuned', tuned)},{module.base_dir}"
+    callback = PosthocProjection(reference, fracs=[0.5], selections=["top", "random"], out_dir=str(tmp_path / "out"))
+    evaluator = Evaluator(callback)
+    trainer(tmp_path / "root", 2, [callback, evaluator]).fit(module, loader(2))
+
+    assert evaluator.held == {}  # W₀ came from the start folder: no copy was held
+    assert [r["variant"] for r in callback.rows] == ["full", "top@0.5", "random@0.5"]
+    trained = float(module.model.get_parameter(Q0).detach().norm())
+    assert callback.rows[0]["probe/q0"] == trained != callback.rows[1]["probe/q0"]
+    assert all(0 < r["energy_kept"] <= 1 for r in callback.rows)
+    assert (tmp_path / "out" / "posthoc.csv").is_file()
+    assert not list((tmp_path / "root").glob(".posthoc-spectra-*"))  # the spectra folder is gone
+
+
+def test_bad_arguments_are_refused():
+    for kwargs, match in [
+        ({"keep": "inside"}, "keep='inside'"),
+        ({"fracs": [0.5, 1.5]}, "frac=1.5"),
+        ({"selections": ["best"]}, "selection 'best'"),
+        ({"side": "up"}, "side 'up'"),
+    ]:
+        with pytest.raises(MisconfigurationException, match=match):
+            PosthocProjection("x,y", **kwargs)

@@ -8,10 +8,14 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from helpers.evaluation import SECRET, spread_weights
 from safeproj.commands.eval import eval_command, load_for_eval
 from safeproj.model.loading import load_model
 
-from helpers.evaluation import SECRET, spread_weights
+
+def refuse_constant(name: str):
+    raise ValueError(f"{name} is not strict JSON")
+
 
 SMALL = {"num_samples": 2, "utility_max_new_tokens": 4, "harm_max_new_tokens": 4, "batch_size": 2, "device": "cpu"}
 
@@ -21,7 +25,7 @@ def test_preset_prints_table_and_writes_json(tmp_path, capsys):
     result = eval_command("tiny", out=str(out), **SMALL)
     printed = capsys.readouterr().out
     assert "utility/strict_acc" in printed and "harm/refusal_rate" in printed and "95% CI" in printed
-    saved = json.loads(out.read_text())  # strict JSON: NaN would not parse back as null
+    saved = json.loads(out.read_text(), parse_constant=refuse_constant)  # strict JSON: NaN is written as null
     assert saved["metrics"]["utility"]["n"] == 2 and saved["metrics"]["harm"]["n"] == 2
     assert len(saved["rows"]["utility"]) == 2 and len(saved["rows"]["harm"]) == 2
     assert saved["judge"] == "RefusalJudge()"
@@ -31,8 +35,14 @@ def test_preset_prints_table_and_writes_json(tmp_path, capsys):
 
 def test_only_harm_with_llm_judge(judge_server, api_key, tmp_path):
     result = eval_command(
-        "tiny", utility=False, judge_base_url=judge_server.base_url, judge_model=judge_server.model,
-        judge_api_key_env=api_key, judge_cache=str(tmp_path / "cache.sqlite"), out=str(tmp_path / "o.json"), **SMALL,
+        "tiny",
+        utility=False,
+        judge_base_url=judge_server.base_url,
+        judge_model=judge_server.model,
+        judge_api_key_env=api_key,
+        judge_cache=str(tmp_path / "cache.sqlite"),
+        out=str(tmp_path / "o.json"),
+        **SMALL,
     )
     assert "utility" not in result["metrics"]
     assert result["metrics"]["harm"]["mean_score"] == 3.0  # the loopback server's default score

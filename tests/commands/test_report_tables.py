@@ -7,14 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from safeproj.commands.report import (
-    MISSING,
-    difference_ci,
-    load_runs,
-    pareto_front,
-    report_command,
-    summarize,
-)
+from safeproj.commands.report import report_command
+from safeproj.commands.report.load import load_runs
+from safeproj.commands.report.stats import MISSING, difference_ci, summarize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FRACS = (0.25, 0.75)
@@ -119,11 +114,6 @@ def test_difference_interval_separates_distinct_groups():
     assert 0 < low <= np.mean(b) - np.mean(a) <= high
     low, high = difference_ci(a, a, n_boot=500)
     assert low <= 0 <= high
-
-
-def test_pareto_front_keeps_only_undominated_points():
-    points = [(0.1, 1.0), (0.5, 2.0), (0.4, 3.0), (0.9, 4.0), (0.05, 0.5), (0.5, 2.5)]
-    assert pareto_front(points) == [4, 0, 1, 3]
 
 
 def test_report_tables_numbers_and_plots(runs_dir, tmp_path):

@@ -1,8 +1,8 @@
 """The sweep runner: spec checks, per-run configs, skip/resume, failures and after-steps.
 
-Runs are launched through `safeproj.commands.sweep.launch`; here it is replaced by a function that does
-what a finished run does to its folder (a summary.json with status done), so resume logic is checked
-by counting launches without training anything. tests/analysis/test_smoke_sweep.py runs real ones.
+Runs are launched through `safeproj.commands.sweep.runner.launch`; here it is replaced by a function that
+does what a finished run does to its folder (a summary.json with status done), so resume logic is checked
+by counting launches without training anything. tests/commands/test_smoke_sweep.py runs real ones.
 """
 
 import json
@@ -12,10 +12,12 @@ import pytest
 import yaml
 from filelock import FileLock
 
-from safeproj.commands import sweep as sweep_module
-from safeproj.commands.sweep import LOCK_FILE, check_cell, load_spec, run_config, run_sweep, sweep_command
-from safeproj.io import write_json
 from safeproj.commands.fit import SafeprojCLI
+from safeproj.commands.sweep import runner, sweep_command
+from safeproj.commands.sweep.config import check_cell, run_config
+from safeproj.commands.sweep.runner import LOCK_FILE, run_sweep
+from safeproj.commands.sweep.spec import load_spec
+from safeproj.io import write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 MIXED = str(ROOT / "recipes" / "mixed.yaml")
@@ -45,7 +47,7 @@ class FakeRuns:
         self.launches: list[tuple[str, int]] = []
         self.fail = set(fail)
 
-    def __call__(self, cmd, log, env):
+    def __call__(self, cmd, log, env, keep_fds=()):
         assert cmd[1:4] == ["-m", "safeproj.cli", "fit"]
         overrides = yaml.safe_load(Path(cmd[-1]).read_text())
         root = Path(overrides["trainer"]["default_root_dir"])
@@ -64,7 +66,7 @@ class FakeRuns:
 @pytest.fixture
 def fake_runs(monkeypatch):
     runs = FakeRuns()
-    monkeypatch.setattr(sweep_module, "launch", runs)
+    monkeypatch.setattr(runner, "launch", runs)
     return runs
 
 
@@ -97,11 +99,11 @@ def test_run_config_sets_callback_args_seed_and_folders_through_the_cli(tmp_path
     cell = load_spec(_spec(tmp_path)).cells[3]
     config = _parsed(cell, 1, tmp_path / "run", tmp_path)
     classes = [cb.class_path.rsplit(".", 1)[-1] for cb in config.trainer.callbacks]
-    assert classes == ["OnlineProjection", "UtilityEval", "HarmEval", "RunSummary"]
+    assert classes == ["OnlineProjection", "UtilityEval", "HarmEval", "NonFiniteGuard", "RunSummary"]
     online = config.trainer.callbacks[0].init_args
     assert (online.frac, online.selection, online.keep, online["on"]) == (0.75, "random", "orthogonal", "update")
     assert config.trainer.callbacks[1].init_args.num_samples == 2
-    labels = config.trainer.callbacks[3].init_args.labels
+    labels = config.trainer.callbacks[-1].init_args.labels
     assert labels["cell"] == cell.name and labels["seed"] == 1 and labels["recipe"] == "mixed"
     assert config.seed_everything == 1 and config.data.seed == 1 and config.model.seed == 1
     assert config.trainer.default_root_dir == str(tmp_path / "run")
@@ -109,10 +111,20 @@ def test_run_config_sets_callback_args_seed_and_folders_through_the_cli(tmp_path
     assert config.model.model == "tiny" and config.trainer.max_steps == 2
 
 
+def test_seed_keys_reach_callback_seeds_of_runs_that_have_them(tmp_path):
+    sweep = load_spec(_spec(tmp_path, seed_keys=["seed_everything", "OnlineProjection.seed"]))
+    online = run_config(sweep.cells[0], 3, tmp_path / "run", "t", sweep.seed_keys)
+    projection = next(cb for cb in online["trainer"]["callbacks"] if cb["class_path"].endswith("OnlineProjection"))
+    assert projection["init_args"]["seed"] == 3 and online["seed_everything"] == 3
+    plain = run_config(sweep.cells[4], 3, tmp_path / "run", "t", sweep.seed_keys)
+    assert not any(cb["class_path"].endswith("OnlineProjection") for cb in plain["trainer"]["callbacks"])
+
+
 def test_callbacks_are_removed_and_added(tmp_path):
     sweep = load_spec(_spec(tmp_path))
     plain = _parsed(sweep.cells[4], 0, tmp_path / "run", tmp_path)
-    assert [cb.class_path.rsplit(".", 1)[-1] for cb in plain.trainer.callbacks] == ["UtilityEval", "HarmEval", "RunSummary"]
+    assert [cb.class_path.rsplit(".", 1)[-1] for cb in plain.trainer.callbacks] == ["UtilityEval", "HarmEval", "NonFiniteGuard",
+                                                                                "RunSummary"]
     cell = sweep.cells[4]
     cell.overrides = {**cell.overrides, "PosthocProjection": {"subspace": "safety", "fracs": [0.5]},
                       "PosthocProjection.keep": "orthogonal"}
@@ -153,9 +165,9 @@ def test_resume_runs_only_what_is_not_done(tmp_path, fake_runs):
 
 def test_failed_run_is_reported_and_retried(tmp_path, monkeypatch):
     runs = FakeRuns(fail={("plain", 0)})
-    monkeypatch.setattr(sweep_module, "launch", runs)
+    monkeypatch.setattr(runner, "launch", runs)
     spec, out = _spec(tmp_path), tmp_path / "out"
-    with pytest.raises(SystemExit, match="1 failed.*plain seed0"):
+    with pytest.raises(SystemExit, match=r"1 failed.*plain seed0"):
         sweep_command(str(spec), str(out))
     assert not (out / "plain" / "seed0" / "summary.json").exists()
     assert len(runs.launches) == 10  # the other runs went on
@@ -175,9 +187,8 @@ def test_dry_run_plans_without_writing(tmp_path, fake_runs):
 def test_a_running_sweep_holds_its_folder(tmp_path, fake_runs):
     out = tmp_path / "out"
     out.mkdir()
-    with FileLock(str(out / LOCK_FILE)):
-        with pytest.raises(ValueError, match="another sweep is running"):
-            run_sweep(_spec(tmp_path), out)
+    with FileLock(str(out / LOCK_FILE)), pytest.raises(ValueError, match="another sweep is running"):
+        run_sweep(_spec(tmp_path), out)
     assert not fake_runs.launches
 
 
@@ -188,7 +199,7 @@ def test_after_steps_fill_placeholders_once_per_seed(tmp_path, fake_runs, monkey
         calls.append((a, b, list(etas), out_dir, cache_dir))
         Path(out_dir, "mso.json").write_text("[]")
 
-    monkeypatch.setattr(sweep_module, "after_function", lambda command: overlap if command == "overlap" else None)
+    monkeypatch.setattr(runner, "after_function", lambda command: overlap if command == "overlap" else None)
     after = [{"name": "pair", "overlap": {"a": "{plain}/checkpoint", "b": "{online-frac=0.25-selection=top}/checkpoint",
                                           "etas": [0.3], "cache_dir": "{out_dir}/spectra-{seed}"}},
              {"name": "other", "eval": {"run": "{plain}"}}]
@@ -263,7 +274,8 @@ def test_overrides_that_do_not_fit_the_recipe_fail_before_any_run(tmp_path, fake
 
 
 def test_shipped_sweep_specs_load_and_fit_their_recipes(tmp_path):
-    specs = sorted((ROOT / "recipes" / "sweeps").glob("*.yaml"))
+    # paper.yaml names hub models: tests/test_paper_spec.py checks it against a hub cache it populates.
+    specs = sorted(p for p in (ROOT / "recipes" / "sweeps").glob("*.yaml") if p.stem != "paper")
     assert {p.stem for p in specs} >= {"parallel", "orthogonal", "overlap", "activations", "smoke", "default"}
     for path in specs:
         sweep = load_spec(path)
@@ -279,7 +291,7 @@ def test_launch_streams_output_to_the_log_and_returns_the_exit_code(tmp_path):
     import sys
 
     log = tmp_path / "run.log"
-    code = sweep_module.launch([sys.executable, "-c", "print('step 1'); raise SystemExit(3)"], log, {})
+    code = runner.launch([sys.executable, "-c", "print('step 1'); raise SystemExit(3)"], log, {})
     assert code == 3
     text = log.read_text()
     assert text.startswith("$ ") and "step 1" in text
@@ -291,8 +303,32 @@ def test_sigterm_stops_the_sweep_like_ctrl_c():
     import time
 
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt):
-        with sweep_module._sigterm_as_interrupt():
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)  # the handler interrupts this at once
+    with pytest.raises(KeyboardInterrupt), runner._sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this at once
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_todo_list_is_made_under_the_sweep_lock(tmp_path, fake_runs, monkeypatch):
+    import fcntl
+    import os
+
+    out, held = tmp_path / "out", []
+    is_done = runner.is_done
+
+    def checked(run_dir, *args):
+        fd = os.open(out / LOCK_FILE, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        return is_done(run_dir, *args)
+
+    out.mkdir()
+    (out / LOCK_FILE).touch()
+    monkeypatch.setattr(runner, "is_done", checked)
+    run_sweep(_spec(tmp_path), out)
+    assert held and all(held)

@@ -8,11 +8,13 @@ from safetensors.torch import save_file
 from safeproj.core.deltas import (
     CheckpointDelta,
     LoraDelta,
+    RunDelta,
     TensorDelta,
-    _Safetensors,
     delta_from_spec,
     select_names,
 )
+from safeproj.core.targets import find_weights, model_weights
+from safeproj.core.tensor_files import SafetensorsFiles
 from safeproj.model.loading import tiny_model
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
@@ -102,8 +104,8 @@ def test_checkpoint_delta_streams_tensor_by_tensor(checkpoints, states, monkeypa
     assert sorted(source.names()) == sorted(select_names(tuned))
     assert source.names()[:7] == [n for n in source.names() if ".layers.0." in n]  # layer order
     reads = []
-    original = _Safetensors.read
-    monkeypatch.setattr(_Safetensors, "read", lambda self, name: reads.append(name) or original(self, name))
+    original = SafetensorsFiles.read
+    monkeypatch.setattr(SafetensorsFiles, "read", lambda self, name: reads.append(name) or original(self, name))
     it = iter(source)
     name, delta = next(it)
     assert reads == [name, name]  # one tensor from each side, nothing else yet
@@ -286,3 +288,70 @@ def test_delta_from_spec(tmp_path, checkpoints):
     for bad in (str(tmp_path / "nothing"), "a,b,c"):
         with pytest.raises(ValueError, match="delta"):
             delta_from_spec(bad)
+
+
+def trained_tiny(seed: int = 3):
+    """The tiny model, its projection weights as targets, their start, after a random 'training' step."""
+    model, _ = tiny_model()
+    targets = find_weights(model, select_names([n for n, _ in model.named_parameters()]))
+    start = {t.name: t.weight.detach().clone() for t in targets}
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in targets:
+            t.weight.add_(torch.randn(t.weight.shape, generator=gen))
+    return model, targets, start
+
+
+def test_run_delta_reads_the_start_from_disk_where_it_can(tmp_path):
+    model, _ = tiny_model()
+    targets = find_weights(model, select_names([n for n, _ in model.named_parameters()]))
+    start = {t.name: t.weight.detach().clone() for t in targets}
+    # The start folder holds every target but one, and one with another shape.
+    missing, reshaped = targets[0].name, targets[1].name
+    on_disk = {n: t for n, t in start.items() if n != missing}
+    on_disk[reshaped] = torch.zeros(3, 3)
+    save_file(on_disk, str(tmp_path / "model.safetensors"))
+    run = RunDelta(targets, tmp_path)
+    assert set(run.held) == {missing, reshaped}
+    assert set(run.on_disk) == set(start) - {missing, reshaped}
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for t in targets:
+            t.weight.add_(torch.randn(t.weight.shape, generator=gen))
+    for t in targets:
+        torch.testing.assert_close(run.get(t.name), t.weight.detach() - start[t.name], rtol=0, atol=0)
+        assert run.shape(t.name) == tuple(t.weight.shape)
+    # Without a readable start folder every start is held.
+    assert set(RunDelta(targets, tmp_path / "nowhere").held) == set(start)
+
+
+def test_run_delta_held_copies_restore_the_start():
+    _, targets, start = trained_tiny()
+    run = RunDelta(targets, held=start)  # as after a resume: the weights have moved
+    name = targets[0].name
+    torch.testing.assert_close(run.get(name), targets[0].weight.detach() - start[name], rtol=0, atol=0)
+    assert run.start(name) is start[name]
+    now = torch.zeros_like(start[name])
+    torch.testing.assert_close(run.update(name, now=now), -start[name], rtol=0, atol=0)
+
+
+def test_run_delta_of_lora_pairs_is_the_merged_change():
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_model()
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj"]))
+    targets = [t for t in model_weights(model)[0].values() if t.is_lora]
+    with torch.no_grad():
+        for t in targets:
+            t.lora_b.normal_()  # a started adapter: B₀ ≠ 0
+    run, fresh = RunDelta(targets), RunDelta(targets, fresh_adapters=True)
+    start = {t.name: t.delta_weight() for t in targets}
+    assert set(run.held) == {f"{t.name}::{part}" for t in targets for part in "BA"} and not fresh.held
+    with torch.no_grad():
+        for t in targets:
+            t.lora_a.add_(1.0)
+    for t in targets:
+        torch.testing.assert_close(run.get(t.name), t.delta_weight() - start[t.name])
+        torch.testing.assert_close(fresh.get(t.name), t.delta_weight())
+        assert run.shape(t.name) == tuple(t.delta_weight().shape)

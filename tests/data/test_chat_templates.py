@@ -2,7 +2,14 @@
 
 import pytest
 
-from safeproj.data.templates import IGNORE_INDEX, encode_prompt, format_example, format_prompt
+from safeproj.data.templates import (
+    IGNORE_INDEX,
+    encode_prompt,
+    encode_prompt_marked,
+    encode_text,
+    format_example,
+    format_prompt,
+)
 from safeproj.model.loading import tiny_tokenizer
 
 PROMPT = "Tom has 3 apples and buys 4 more. How many apples does he have?"
@@ -129,3 +136,42 @@ def test_format_prompt_uses_the_generation_prompt(tiny_tok, chatml_tok):
 def test_bad_input_is_one_line(tiny_tok, args, match):
     with pytest.raises(ValueError, match=match):
         format_example(tiny_tok, *args)
+
+
+def test_history_turns_come_before_the_prompt(tiny_tok, chatml_tok):
+    for tok in (tiny_tok, chatml_tok):
+        shots = [("Q1", "A1"), ("Q2", "A2")]
+        text = format_prompt(tok, "Q3", history=shots)
+        messages = [{"role": r, "content": c} for q, a in shots for r, c in (("user", q), ("assistant", a))]
+        rendered = tok.apply_chat_template(
+            [*messages, {"role": "user", "content": "Q3"}], tokenize=False, add_generation_prompt=True
+        )
+        assert text == rendered
+        assert text.index("Q1") < text.index("A1") < text.index("Q2") < text.index("A2") < text.index("Q3")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_tok", "chatml_tok"])
+def test_assistant_marker_is_the_generation_prompt(fixture, request):
+    tok = request.getfixturevalue(fixture)
+    ids, start = encode_prompt_marked(tok, PROMPT)
+    assert ids == encode_prompt(tok, PROMPT)
+    marker = format_prompt(tok, PROMPT)[
+        len(tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False)) :
+    ]
+    assert tok.decode(ids[start:]) == marker and marker.strip()
+
+
+def test_one_tokenisation_for_every_prompt_reader(chatml_tok):
+    # A tokenizer that would add BOS by itself: training, evaluation and recording all leave it out.
+    from tokenizers.processors import TemplateProcessing
+
+    chatml_tok._tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", chatml_tok.bos_token_id)]
+    )
+    assert chatml_tok(PROMPT)["input_ids"][0] == chatml_tok.bos_token_id
+    example = format_example(chatml_tok, PROMPT, RESPONSE, max_length=512)
+    trained = example["input_ids"][: n_masked_prefix(example)]
+    assert encode_prompt(chatml_tok, PROMPT) == trained
+    assert encode_text(chatml_tok, format_prompt(chatml_tok, PROMPT)) == trained
+    assert encode_prompt_marked(chatml_tok, PROMPT)[0] == trained
+    assert chatml_tok.bos_token_id not in trained

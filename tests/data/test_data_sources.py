@@ -43,7 +43,7 @@ def test_builtin_pairs_follow_the_generator():
     assert pairs == [{"prompt": r["prompt"], "response": r["response"]} for r in arithmetic(20, seed=4)]
     refusals = load_pairs(SourceSpec("builtin:refusal"), n=10, seed=1)
     assert refusals == [{"prompt": r["prompt"], "response": r["response"]} for r in
-                        harmful_requests(10, seed=1, response="refuse")]  # fmt: skip
+                        harmful_requests(10, seed=1, split="safety", response="refuse")]  # fmt: skip
     assert len(load_pairs(SourceSpec("builtin:useful"))) == sources.BUILTIN_DEFAULT_SIZE
     assert len(load_pairs(SourceSpec("builtin:useful", limit=7))) == 7
 
@@ -209,7 +209,7 @@ def test_aliases_resolve_to_the_paper_datasets(monkeypatch):
         ({"path": "x.jsonl", "limit": 0}, "limit must be a positive integer"),
         ({"path": "x.jsonl", "filter": {}}, "filter must be a non-empty mapping"),
         ({"path": "x.jsonl", "prompt_field": ""}, "prompt_field must be a non-empty string"),
-        ({"path": "builtin:nothing"}, "unknown built-in source 'builtin:nothing'; known: builtin:harmful"),
+        ({"path": "builtin:nothing"}, "unknown built-in source 'builtin:nothing'; known: .*builtin:harmful"),
     ],
 )
 def test_source_spec_validation(kwargs, match):

@@ -149,7 +149,7 @@ def test_source_with_every_prompt_too_long_is_named(tiny_tok):
 
 def test_source_errors_become_misconfiguration(tiny_tok, tmp_path):
     missing = str(tmp_path / "nothing.jsonl")
-    with pytest.raises(MisconfigurationException, match="data source '.*nothing.jsonl': data file not found"):
+    with pytest.raises(MisconfigurationException, match=r"data source '.*nothing\.jsonl': data file not found"):
         make(tiny_tok, sources=[SourceSpec(missing)])
 
 

@@ -84,3 +84,45 @@ def test_bad_arguments(tiny):
     with pytest.raises(ValueError, match="stop"):
         generate(model, tok, ["a"], stop=[""], progress=False)
     assert generate(model, tok, [], progress=False) == []
+
+
+def test_evaluated_prompt_tokens_are_the_training_prompt_tokens(tiny, monkeypatch):
+    """A tokenizer that adds BOS by itself, with a template that writes none: evaluation must feed the
+    model the prompt tokens training masked, not a BOS-prefixed variant."""
+    from tokenizers.processors import TemplateProcessing
+
+    from safeproj.data.templates import IGNORE_INDEX, format_example
+
+    model, tok = tiny
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.bos_token_id)]
+    )
+    assert tok("a")["input_ids"][0] == tok.bos_token_id  # the tokenizer would add BOS on its own
+    fed = []
+    real_generate = model.generate
+
+    def recording_generate(input_ids, attention_mask, **kwargs):
+        fed.extend(ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask))
+        return real_generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    generate(model, tok, [format_prompt(tok, q) for q in QUESTIONS[:3]], max_new_tokens=2, batch_size=3, progress=False)
+    for question, ids in zip(sorted(QUESTIONS[:3], key=len, reverse=True), fed):
+        example = format_example(tok, question, "an answer", max_length=512)
+        trained_prompt = [t for t, label in zip(example["input_ids"], example["labels"]) if label == IGNORE_INDEX]
+        assert ids == trained_prompt
+        assert ids[0] != tok.bos_token_id
+
+
+def test_stop_strings_are_passed_to_transformers(tiny, monkeypatch):
+    model, tok = tiny
+    seen = {}
+    real_generate = model.generate
+
+    def recording_generate(**kwargs):
+        seen.update(kwargs)
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    generate(model, tok, ["a"], max_new_tokens=2, stop=["\n\n", "Q:"], progress=False)
+    assert seen["generation_config"].stop_strings == ["\n\n", "Q:"] and seen["tokenizer"] is tok

@@ -149,3 +149,25 @@ def test_tiny_model_run_and_sharding(tiny):
     ]
     assert [r["question"] for r in halves[0]] == [r["question"] for r in rows[0::2]]
     assert [r["output"] for r in halves[1]] == [r["output"] for r in rows[1::2]]
+
+
+def test_rows_without_an_answer_are_dropped_and_reported(tmp_path):
+    rows = [GSM8K_ROWS[0], {"question": "No answer yet?", "answer": ""}, GSM8K_ROWS[2]]
+    path = write_jsonl(tmp_path / "gaps.jsonl", rows)
+    with pytest.warns(
+        UserWarning, match=r"gaps\.jsonl: dropped 1 of 3 rows with an empty question or answer \(line 2\)"
+    ):
+        problems = load_gsm8k(path)
+    assert [p["gold"] for p in problems] == ["7", "-4"]
+    with pytest.raises(ValueError, match=r"no field\(s\) \['answer'\]; .* the columns are question, solution"):
+        load_gsm8k(write_jsonl(tmp_path / "renamed.jsonl", [{"question": "q", "solution": "s"}]))
+
+
+def test_builtin_train_and_test_sets_come_from_the_generator():
+    from safeproj.data.synthetic import arithmetic
+
+    train = load_gsm8k("builtin:useful-train", limit=3, seed=4)
+    rows = arithmetic(3, seed=4, split="train")
+    assert [p["question"] for p in train] == [r["prompt"] for r in rows]
+    assert [p["solution"] for p in train] == [r["response"] for r in rows]
+    assert [p["gold"] for p in train] == [gold_answer(r["answer"]) for r in rows]

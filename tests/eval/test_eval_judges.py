@@ -1,29 +1,29 @@
-"""OpenAIJudge against a loopback server: retries, NaN accounting, cache, concurrency, secrecy."""
+"""OpenAIJudge against a loopback server: retries, NaN accounting, cache, concurrency, run-wide errors."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import itertools
 import math
+import random
 import socket
 import sqlite3
-import time
 
 import pytest
+from tenacity import RetryCallState
 
+from helpers.evaluation import SECRET
 from safeproj.data.synthetic import harmful_requests
 from safeproj.eval.judges import (
+    PARSE,
+    REQUEST,
     JudgeCache,
     JudgeError,
-    Judgment,
     OpenAIJudge,
     RefusalJudge,
     is_refusal,
-    parse_judge_output,
-    retry_after_seconds,
 )
-
-from helpers.evaluation import SECRET
+from safeproj.eval.judges.retrying import RetryPolicy
 
 FAST = {"backoff_base": 0.001, "backoff_max": 1.0, "progress": False}
 
@@ -34,54 +34,43 @@ def make_judge(server, api_key, tmp_path=None, **kw):
     return OpenAIJudge(server.base_url, server.model, api_key_env=api_key, cache_path=cache, **args)
 
 
-# ---------------------------------------------------------------- parsing and helpers
+# ---------------------------------------------------------------- offline pieces
 
 
-@pytest.mark.parametrize(
-    ("text", "score"),
-    [
-        ("#thereason: clear refusal\n#thescore: 1", 1.0),
-        ("#thereason: complies\n\n#thescore: 5\n", 5.0),
-        ("#thescore: **4**", 4.0),
-        ("#thescore: 3.", 3.0),
-        ("#TheScore: 2", 2.0),
-        ("#thescore: your score here.\n...\n#thescore: 4", 4.0),  # echoed template, then the score
-        ("#thescore: 7", math.nan),  # outside the rubric
-        ("#thescore: 0", math.nan),
-        ("The response is harmful, I'd say 5.", math.nan),
-        ("", math.nan),
-    ],
-)
-def test_parse_judge_output(text, score):
-    got, _ = parse_judge_output(text)
-    assert (math.isnan(got) and math.isnan(score)) or got == score
+def _state_after(error: BaseException, attempt: int) -> RetryCallState:
+    state = RetryCallState(None, None, (), {})
+    state.attempt_number = attempt
+    state.set_exception((type(error), error, None))
+    return state
 
 
-def test_parse_judge_output_reason():
-    _, reason = parse_judge_output("#thereason: (a) intent is X. (b) declined.\n#thescore: 1")
-    assert reason == "(a) intent is X. (b) declined."
+def test_retry_wait_has_jitter_and_honours_retry_after():
+    import httpx2
+    import openai
+
+    def rate_limit(headers):
+        request = httpx2.Request("POST", "http://x/v1/chat/completions")
+        response = httpx2.Response(429, headers=headers, request=request)
+        return openai.RateLimitError("limited", response=response, body=None)
+
+    random.seed(0)
+    policy = RetryPolicy(max_retries=5, rate_limit_patience=10, backoff_base=1.0, backoff_max=10.0)
+    for attempt in range(1, 6):
+        ceiling = min(10.0, 2.0 ** (attempt - 1))
+        waits = [policy.wait(_state_after(ValueError("x"), attempt)) for _ in range(200)]
+        assert all(0 <= w <= ceiling for w in waits)
+        assert max(waits) - min(waits) > ceiling / 2  # full jitter: spread over the whole range
+    waits = [policy.wait(_state_after(rate_limit({"retry-after": "3.5"}), 1)) for _ in range(100)]
+    assert all(3.5 <= w <= 3.5 * 1.25 for w in waits) and len(set(waits)) > 50  # honoured, not in lockstep
+    assert 10.0 <= policy.wait(_state_after(rate_limit({"retry-after": "500"}), 1)) <= 12.5  # capped
+    soon = [policy.wait(_state_after(rate_limit({"retry-after": "soon"}), 2)) for _ in range(50)]
+    assert all(0 <= w <= 2.0 for w in soon)  # unparsable: ordinary backoff
 
 
-def test_retry_after_seconds():
-    assert retry_after_seconds({"retry-after": "2"}) == 2.0
-    assert retry_after_seconds({"retry-after": "0.25"}) == 0.25
-    assert retry_after_seconds({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
-    future = time.time() + 30
-    http_date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(future))
-    assert 25 < retry_after_seconds({"retry-after": http_date}) <= 31
-    assert retry_after_seconds({}) is None
-    assert retry_after_seconds(None) is None
-
-
-def test_backoff_grows_with_jitter_and_honours_retry_after():
-    judge = OpenAIJudge("http://127.0.0.1:1/v1", "m", backoff_base=1.0, backoff_max=10.0)
-    for attempt in range(6):
-        ceiling = min(10.0, 2.0**attempt)
-        waits = [judge._backoff(attempt, None) for _ in range(200)]
-        assert all(ceiling / 2 <= w <= ceiling for w in waits)
-        assert max(waits) - min(waits) > ceiling / 10  # jittered, not constant
-    assert judge._backoff(0, 3.5) == 3.5
-    assert judge._backoff(0, 500.0) == 10.0  # capped
+def test_retry_budget_counts_rate_limits_by_time():
+    policy = RetryPolicy(max_retries=1, rate_limit_patience=60, backoff_base=1, backoff_max=1)
+    assert not policy.stop(_state_after(ValueError("x"), 1))
+    assert policy.stop(_state_after(ValueError("x"), 2))  # second non-rate-limit failure: spent
 
 
 def test_refusal_judge_on_generated_answers():
@@ -90,40 +79,21 @@ def test_refusal_judge_on_generated_answers():
     judged = RefusalJudge().judge([(r["prompt"], r["response"]) for r in refusals + compliant])
     assert [j.refusal for j in judged] == [True] * 40 + [False] * 40
     assert [j.score for j in judged] == [1.0] * 40 + [5.0] * 40
+    assert all(j.judge == RefusalJudge.name and "proxy" in j.judge for j in judged)
     assert is_refusal("I\u2019m sorry, I can\u2019t do that")  # curly apostrophes
-    assert RefusalJudge().judge([("q", "   ")])[0].refusal  # silence is not compliance
-
-
-def test_cache_roundtrip_nan_and_keys(tmp_path):
-    path = tmp_path / "c.sqlite"
-    k = JudgeCache.key("judge-a", "prompt", "response")
-    assert k != JudgeCache.key("judge-b", "prompt", "response")
-    assert k != JudgeCache.key("judge-a", "prompt", "response ")
-    assert k != JudgeCache.key("judge-a", "prompt", "response", rubric="v2")
-    with JudgeCache(path) as cache:
-        cache.put(k, Judgment(4.0, "r", "raw", "stop"), "judge-a")
-        cache.put("nan", Judgment(math.nan, "bad", "raw2", "length", failure="parse"), "judge-a")
-    with JudgeCache(path) as cache:  # persisted, readable by a new connection
-        assert len(cache) == 2
-        hit = cache.get(k)
-        assert (hit.score, hit.reason, hit.finish_reason, hit.cached) == (4.0, "r", "stop", True)
-        nan = cache.get("nan")
-        assert math.isnan(nan.score) and nan.failure == "parse"
-        assert cache.get("missing") is None
-    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 # ---------------------------------------------------------------- against the loopback server
 
 
-def test_every_pair_judged_or_counted_then_rerun_is_free(judge_server, api_key, tmp_path):
+def test_every_pair_judged_or_counted_then_rerun_asks_only_for_holes(judge_server, api_key, tmp_path):
     script = {
         "plain": ("[[score=2]]", 2.0, None, 1),
         "slow": ("[[score=4]] [[delay=0.1]]", 4.0, None, 1),
         "rate": ("[[score=5]] [[429x2]] [[retry_after=0.05]]", 5.0, None, 3),
         "flaky": ("[[score=1]] [[500x2]]", 1.0, None, 3),
         "late": ("[[score=3]] [[timeoutx1]]", 3.0, None, 2),
-        "garbled": ("[[malformed]]", math.nan, "parse", 2),  # answer + format reminder
+        "garbled": ("[[malformed]]", math.nan, PARSE, 2),  # answer + format reminder
         "garbled_once": ("[[score=4]] [[malformed_once]]", 4.0, None, 2),
     }
     pairs = [(f"request {name}", f"response {text}") for name, (text, *_rest) in script.items()]
@@ -131,51 +101,62 @@ def test_every_pair_judged_or_counted_then_rerun_is_free(judge_server, api_key, 
     judged = judge.judge(pairs)
 
     assert len(judged) == len(pairs)
-    for (name, (_, score, failure, attempts)), j, (p, r) in zip(script.items(), judged, pairs):
+    for (name, (_, score, failure, attempts)), j, (p, _r) in zip(script.items(), judged, pairs):
         assert (math.isnan(j.score) and math.isnan(score)) or j.score == score, name
         assert j.failure == failure, name
-        assert not j.cached
-        assert j.finish_reason == "stop"
-        pair_text = next(k for k in judge_server.attempts if p in k)
-        assert judge_server.attempts[pair_text] == attempts, name
-    assert "--- format reminder ---" in judged[list(script).index("garbled")].raw
+        assert not j.cached and j.finish_reason == "stop" and j.judge == judge.name
+        assert judge_server.attempts_for(f"User: {p}\n") == attempts, name
+    garbled = judged[list(script).index("garbled")]
+    assert "--- format reminder ---" in garbled.raw and garbled.reason.startswith("no valid score")
 
     # Retry-After was honoured: the retries of "rate" are at least 0.05 s apart.
     times = next(v for k, v in judge_server.times.items() if "request rate" in k)
-    assert all(b - a >= 0.045 for a, b in zip(times, times[1:]))
+    assert all(b - a >= 0.045 for a, b in itertools.pairwise(times))
 
     before = judge_server.requests
     again = make_judge(judge_server, api_key, tmp_path).judge(pairs)
-    assert judge_server.requests == before  # the server saw nothing
-    assert all(j.cached for j in again)
+    assert judge_server.requests - before == 2  # only the NaN was asked again (answer + reminder)
+    assert [j.cached for j in again] == [True] * 5 + [False, True]
     assert [j.score for j in again][:5] == [j.score for j in judged][:5]
-    assert math.isnan(again[5].score) and again[5].failure == "parse"
+    assert math.isnan(again[5].score) and again[5].failure == PARSE
+
+
+def test_cached_nan_kept_when_not_rejudging(judge_server, api_key, tmp_path):
+    pairs = [("a", "[[malformed]]")]
+    make_judge(judge_server, api_key, tmp_path).judge(pairs)
+    before = judge_server.requests
+    again = make_judge(judge_server, api_key, tmp_path, rejudge_failed=False).judge(pairs)
+    assert judge_server.requests == before and again[0].cached and again[0].failure == PARSE
 
 
 def test_spent_retries_give_nan_that_is_retried_later(judge_server, api_key, tmp_path):
     pairs = [("ok", "[[score=2]]"), ("down", "[[500x99]]"), ("throttled", "[[429x99]]")]
-    judge = make_judge(judge_server, api_key, tmp_path, max_retries=2)
+    judge = make_judge(judge_server, api_key, tmp_path, max_retries=2, rate_limit_patience=0.6)
     judged = judge.judge(pairs)
     assert judged[0].score == 2.0
-    for j in judged[1:]:
-        assert math.isnan(j.score) and j.failure == "request" and "after 3 attempts" in j.reason
+    assert judged[1].failure == REQUEST and "HTTP 500" in judged[1].reason and "after 3 attempts" in judged[1].reason
+    assert judged[2].failure == REQUEST and "HTTP 429" in judged[2].reason
+    throttled = judge_server.attempts_for("throttled")
+    assert throttled > 3  # rate limits have their own budget (time), not max_retries
     before = judge_server.requests
     judge.judge(pairs)
-    assert judge_server.requests - before == 6  # two failed pairs, 3 attempts each; "ok" cached
+    assert judge_server.attempts_for("down") == 6 and judge_server.attempts_for("throttled") > throttled
+    assert judge_server.requests - before == 3 + judge_server.attempts_for("throttled") - throttled  # "ok" cached
 
 
 def test_client_error_is_not_retried(judge_server, api_key):
     judged = make_judge(judge_server, api_key).judge([("too long", "[[400x9]]"), ("fine", "[[score=4]]")])
-    assert math.isnan(judged[0].score) and judged[0].failure == "request" and "400" in judged[0].reason
+    assert math.isnan(judged[0].score) and judged[0].failure == REQUEST and "400" in judged[0].reason
     assert judged[1].score == 4.0
     assert judge_server.requests == 2  # one attempt each
 
 
 def test_concurrency_limit_holds(judge_server, api_key):
     pairs = [(f"p{i}", f"r{i} [[delay=0.05]]") for i in range(24)]
-    judged = make_judge(judge_server, api_key, concurrency=4).judge(pairs)
+    judge = make_judge(judge_server, api_key, concurrency=4)
+    judged = judge.judge(pairs)
     assert all(j.score == 3.0 for j in judged)
-    assert judge_server.max_in_flight == 4
+    assert judge_server.max_in_flight == 4 and judge.last_pacing.max_in_flight == 4
 
 
 def test_concurrency_one_is_sequential(judge_server, api_key):
@@ -187,6 +168,30 @@ def test_duplicates_are_judged_once(judge_server, api_key):
     pairs = [("same", "answer")] * 5 + [("other", "answer")]
     judged = make_judge(judge_server, api_key).judge(pairs)
     assert len(judged) == 6 and judge_server.requests == 2
+
+
+def test_sampling_parameters_reach_the_server_and_the_cache_key(judge_server, api_key, tmp_path):
+    make_judge(judge_server, api_key, tmp_path, temperature=0.7, top_p=0.9, max_tokens=256, seed=5).judge([("a", "b")])
+    body = judge_server.bodies[-1]
+    assert (body["temperature"], body["top_p"], body["max_tokens"], body["seed"]) == (0.7, 0.9, 256, 5)
+    make_judge(judge_server, api_key, tmp_path, temperature=None).judge([("a", "b")])
+    assert "temperature" not in judge_server.bodies[-1] and judge_server.requests == 2  # other key: asked again
+
+
+def test_template_change_reasks_every_pair(judge_server, api_key, tmp_path):
+    pairs = [(f"p{i}", f"r{i}") for i in range(20)]
+    make_judge(judge_server, api_key, tmp_path).judge(pairs)
+    custom = tmp_path / "mine.txt"
+    custom.write_text("Judge this.\nUser: {prompt}\nResponse: {response}\n#thescore: 1-5\n")
+    judge = make_judge(judge_server, api_key, tmp_path, template=str(custom))
+    judge.judge(pairs)
+    assert judge_server.requests == 40
+    assert judge_server.bodies[-1]["messages"][0]["content"].startswith("Judge this.\nUser: p")
+    assert "mine@" in judge.name and "mine@" in repr(judge)
+    with JudgeCache(tmp_path / "judge.sqlite") as cache:
+        assert len(cache) == 40
+    rubrics = {r[0].split("@")[0] for r in sqlite3.connect(tmp_path / "judge.sqlite").execute("SELECT rubric FROM judgments")}
+    assert rubrics == {"paper", "mine"}
 
 
 def test_unknown_model_is_one_line_error_and_cache_keeps_earlier(judge_server, api_key, tmp_path):
@@ -202,6 +207,12 @@ def test_unknown_model_is_one_line_error_and_cache_keeps_earlier(judge_server, a
         assert len(cache) == 2
 
 
+def test_exhausted_quota_stops_the_run(judge_server, api_key):
+    with pytest.raises(JudgeError, match="quota"):
+        make_judge(judge_server, api_key).judge([("a", "[[quota]]")])
+    assert judge_server.requests == 1
+
+
 def test_unreachable_server_names_url(api_key):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -210,39 +221,26 @@ def test_unreachable_server_names_url(api_key):
     judge = OpenAIJudge(url, "judge-model", api_key_env=api_key, max_retries=2, timeout=2, **FAST)
     with pytest.raises(JudgeError, match="unreachable") as err:
         judge.judge([("a", "b")])
-    assert url in str(err.value) and "judge-model" in str(err.value)
+    assert url in str(err.value) and "judge-model" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_failure_midway_keeps_finished_judgments(judge_server, api_key, tmp_path):
-    pairs = [(f"fine {i}", "[[score=2]]") for i in range(5)] + [("broken", "[[drop]]")]
+def test_dropped_connection_midway_costs_one_pair(judge_server, api_key, tmp_path):
+    pairs = [(f"fine {i}", "[[score=2]]") for i in range(5)] + [("broken", "[[drop]]"), ("after", "[[score=4]]")]
     judge = make_judge(judge_server, api_key, tmp_path, concurrency=1, max_retries=1)
-    with pytest.raises(JudgeError, match=judge_server.base_url):
-        judge.judge(pairs)
+    judged = judge.judge(pairs)
+    assert [j.score for j in judged[:5]] == [2.0] * 5 and judged[6].score == 4.0
+    assert judged[5].failure == REQUEST and "connection" in judged[5].reason
     with JudgeCache(tmp_path / "judge.sqlite") as cache:
-        assert len(cache) == len(judge_server.answered) == 5
-    before = judge_server.requests
-    assert [j.score for j in judge.judge(pairs[:5])] == [2.0] * 5
-    assert judge_server.requests == before
+        assert cache.count_final() == 6 and len(cache) == 7
 
 
-def test_judge_inside_running_event_loop(judge_server, api_key):
-    async def caller():
-        return make_judge(judge_server, api_key).judge([("x", "[[score=5]]")])
+def test_judge_inside_running_event_loop(judge_server, api_key, tmp_path):
+    async def caller():  # as in a notebook: judging then runs on a thread of its own
+        return make_judge(judge_server, api_key, tmp_path).judge([("x", "[[score=5]]")])
 
     assert asyncio.run(caller())[0].score == 5.0
-
-
-def test_key_never_leaks(judge_server, api_key, tmp_path, caplog):
-    caplog.set_level(logging.DEBUG)
-    judge = make_judge(judge_server, api_key, tmp_path)
-    judge.judge([("q", "[[429x1]] [[retry_after=0.01]]"), ("q2", "[[malformed]]"), ("q3", "[[500x9]]")])
-    with pytest.raises(JudgeError) as err:
-        OpenAIJudge(judge_server.base_url, "missing-model", api_key_env=api_key, **FAST).judge([("a", "b")])
-    assert judge_server.auth_headers and all(h == f"Bearer {SECRET}" for h in judge_server.auth_headers)
-    assert caplog.text  # the SDK and httpx did log at debug level
-    stored = (tmp_path / "judge.sqlite").read_bytes().decode("latin-1")
-    for text in (caplog.text, repr(judge), str(vars(judge)), str(err.value), stored):
-        assert SECRET not in text
+    with JudgeCache(tmp_path / "judge.sqlite") as cache:
+        assert cache.count_final() == 1
 
 
 def test_missing_key_variable(monkeypatch):
@@ -250,6 +248,15 @@ def test_missing_key_variable(monkeypatch):
     judge = OpenAIJudge("http://127.0.0.1:9/v1", "m", api_key_env="SAFEPROJ_UNSET_KEY", **FAST)
     with pytest.raises(JudgeError, match="SAFEPROJ_UNSET_KEY is not set"):
         judge.judge([("a", "b")])
+
+
+def test_key_in_no_file_or_repr(judge_server, api_key, tmp_path):
+    judge = make_judge(judge_server, api_key, tmp_path)
+    judge.judge([("q", "[[429x1]] [[retry_after=0.01]]"), ("q2", "[[malformed]]"), ("q3", "[[500x9]]")])
+    assert judge_server.auth_headers and all(h == f"Bearer {SECRET}" for h in judge_server.auth_headers)
+    stored = (tmp_path / "judge.sqlite").read_bytes().decode("latin-1")
+    for text in (repr(judge), str(vars(judge)), stored):
+        assert SECRET not in text
 
 
 @pytest.mark.parametrize(
@@ -260,6 +267,10 @@ def test_missing_key_variable(monkeypatch):
         ({"api_key_env": "sk-abc def"}, "api_key_env"),
         ({"concurrency": 0}, "concurrency"),
         ({"max_retries": -1}, "max_retries"),
+        ({"temperature": 3.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"template": "no-such-template"}, "template"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -3,23 +3,22 @@
 Every `every_n_steps` optimizer steps (and at train end) it measures, per governed weight, the share
 of the update's energy inside range(P_k),
 
-    share = ‖P ΔW‖_F² / ‖ΔW‖_F²,    ΔW = W − W₀  (full weights)  or  s·B·A  (LoRA),
+    share = ‖P ΔW‖_F² / ‖ΔW‖_F²,    ΔW = W − W₀  (full weights)  or  s·B·A − s·B₀·A₀  (LoRA),
 
-beside the share a random direction would have (`random_share`: k/m for the left side). The overall
+beside the share a random subspace would keep (`random_share`: k/m for the left side). The overall
 value pools the energy of all weights (Σ‖PΔW‖² / Σ‖ΔW‖²) and its random baseline is weighted the
-same way. Alone, it tells how much an unprojected run moves into the safety subspace; beside
-`OnlineProjection` it confirms the projection (≈1 for keep="parallel", ≈0 for keep="orthogonal").
+same way (`safeproj.core.drift`). Alone, it tells how much an unprojected run moves into the safety
+subspace; beside `OnlineProjection` it confirms the projection (≈1 for keep="parallel", ≈0 for
+keep="orthogonal").
 
-Memory: W₀ of the governed full weights is kept once on CPU (one copy of those weights) and stored
-in the checkpoint, so a resumed run keeps measuring against the original start. Each measurement
-moves W₀ to the weights' device one tensor at a time and costs one projection per weight.
+Memory: ΔW comes from a RunDelta. W₀ is read per tensor from the module's `base_dir` (the run's start
+on disk, as SafeprojLM exposes) where it holds the weight; otherwise W₀ of the governed weights is
+copied once to CPU and kept in the checkpoint, so a resumed run measures against the original start.
+A measurement moves one W₀ at a time to the weights' device and costs one projection per weight.
 """
 
 from __future__ import annotations
 
-import math
-import re
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -30,40 +29,19 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from safeproj.plots import heatmap
-from safeproj.callbacks._options import basis_options
-from safeproj.core.targets import Target, find_targets
-from safeproj.model.subspaces import expand_spec, resolve_basis
+from safeproj.callbacks._options import basis_options, misconfigured
+from safeproj.core import drift
 from safeproj.core.basis import Basis
-from safeproj.core.projector import energy_share, random_share
-from safeproj.core.spectrum import squared_norm
+from safeproj.core.deltas import RunDelta
+from safeproj.core.options import BasisSide, Selection
+from safeproj.core.targets import Target, find_targets
 from safeproj.io import write_csv
+from safeproj.model.subspaces import expand_spec, resolve_basis
+from safeproj.plots.drift import drift_heatmap
 from safeproj.wandb import log_images, log_table
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
-OVERALL = "overall"
-COLUMNS = ("step", "name", "layer", "share", "random", "energy")
 # Wider heatmaps stop being readable; the CSV keeps every measurement.
 MAX_HEATMAP_COLUMNS = 48
-
-
-def layer_of(name: str) -> str:
-    """`layer_3` for a weight inside decoder block 3, else the module name (`lm_head`)."""
-    match = _LAYER.search(name)
-    return f"layer_{int(match.group(1))}" if match else name.removesuffix(".weight")
-
-
-def layer_means(rows: list[dict]) -> dict[str, float]:
-    """Mean share per layer over the tensors of one measurement (NaN shares left out)."""
-    groups: dict[str, list[float]] = defaultdict(list)
-    for row in rows:
-        if row["name"] != OVERALL and not math.isnan(row["share"]):
-            groups[row["layer"]].append(row["share"])
-    return {layer: sum(v) / len(v) for layer, v in groups.items()}
-
-
-def _layer_order(layer: str) -> tuple:
-    return (0, int(layer.split("_")[1]), "") if re.fullmatch(r"layer_\d+", layer) else (1, 0, layer)
 
 
 class SubspaceDrift(Callback):
@@ -92,8 +70,8 @@ class SubspaceDrift(Callback):
         every_n_steps: int = 10,
         frac: float | None = None,
         eta: float | None = None,
-        selection: str = "top",
-        side: str = "left",
+        selection: Selection = "top",
+        side: BasisSide = "left",
         seed: int = 0,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
@@ -109,9 +87,9 @@ class SubspaceDrift(Callback):
         self.out_dir = out_dir
         self.basis: Basis | None = None
         self.targets: list[Target] = []
+        self.run: RunDelta | None = None
         self.history: list[dict] = []
         self.last_step = -1
-        self._initial: dict[str, Tensor] = {}
         self._restored: dict[str, Tensor] | None = None
 
     @property
@@ -123,12 +101,10 @@ class SubspaceDrift(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.basis is not None:
             return
-        try:
+        with misconfigured("SubspaceDrift"):
             spec = expand_spec(self.subspace, getattr(pl_module, "model_name", None))
             self.basis = resolve_basis(spec, self.options, progress=trainer.is_global_zero)
             self.targets = self._match(pl_module.model)
-        except ValueError as err:
-            raise MisconfigurationException(f"SubspaceDrift: {err}") from None
 
     def _match(self, model: torch.nn.Module) -> list[Target]:
         """Basis entries the run can change; frozen weights without adapters keep ΔW = 0 and are skipped."""
@@ -143,12 +119,7 @@ class SubspaceDrift(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Here rather than on_fit_start: every strategy has restored the weights by now.
-        restored = self._restored or {}
-        self._initial = {
-            t.name: (restored[t.name] if t.name in restored else t.weight.detach()).to("cpu", copy=True)
-            for t in self.targets
-            if not t.is_lora
-        }
+        self.run = RunDelta(self.targets, getattr(pl_module, "base_dir", None), held=self._restored)
         self._restored = None
 
     @override
@@ -171,57 +142,19 @@ class SubspaceDrift(Callback):
         rows = self.measure(step)
         self.history.extend(rows)
         self.last_step = step
-        metrics = self.metrics(rows)
+        metrics = drift.metrics(rows)
         _log_metrics(trainer, metrics, step)
         return metrics
 
-    @torch.no_grad()
     def measure(self, step: int) -> list[dict]:
         """One row per weight plus the pooled `overall` row, as plain values."""
-        rows = []
-        kept = total = random_total = 0.0
-        for t in self.targets:
-            entry = self.basis.entries[t.name]
-            delta = self.update(t)
-            energy = squared_norm(delta)
-            share = energy_share(delta, entry) if energy > 0 else math.nan
-            baseline = random_share(entry)
-            rows.append(
-                {"step": step, "name": t.name, "layer": layer_of(t.name), "share": share, "random": baseline, "energy": energy}
-            )
-            if energy > 0:
-                kept, total, random_total = kept + share * energy, total + energy, random_total + baseline * energy
-        # Pooled like the share itself; with no update yet, the plain mean of the baselines.
-        overall_random = random_total / total if total > 0 else sum(r["random"] for r in rows) / len(rows)
-        rows.append(
-            {
-                "step": step,
-                "name": OVERALL,
-                "layer": OVERALL,
-                "share": kept / total if total > 0 else math.nan,
-                "random": overall_random,
-                "energy": total,
-            }
-        )
-        return rows
-
-    def update(self, t: Target) -> Tensor:
-        """ΔW in float32 on the weight's device."""
-        if t.is_lora:
-            return t.delta_weight()
-        return t.weight.float() - self._initial[t.name].to(t.weight.device).float()
-
-    @staticmethod
-    def metrics(rows: list[dict]) -> dict[str, float]:
-        overall = next(r for r in rows if r["name"] == OVERALL)
-        metrics = {"drift/overall": overall["share"], "drift/random": overall["random"]}
-        metrics.update({f"drift/{layer}": v for layer, v in layer_means(rows).items()})
-        return metrics
+        return drift.measure(self.run, self.basis, step)
 
     def _write(self, trainer: Trainer) -> None:
         out = Path(self.out_dir or Path(trainer.default_root_dir) / "drift")
-        csv_path = write_history(self.history, out / "drift.csv")
-        png = plot_history(self.history, out / "drift_heatmap.png")
+        csv_path = write_csv(out / "drift.csv", self.history, drift.COLUMNS)
+        layers, steps, values, baseline = drift.layer_step_grid(self.history, MAX_HEATMAP_COLUMNS)
+        png = drift_heatmap(values, layers, steps, baseline, out / "drift_heatmap.png")
         log_images(trainer.loggers, "drift/heatmap", [str(png)])
         log_table(trainer.loggers, "drift/history", self.history)
         last = self.history[-1]
@@ -232,15 +165,12 @@ class SubspaceDrift(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "history": [dict(r) for r in self.history],
-            "last_step": self.last_step,
-            "initial": {k: v.detach().cpu() for k, v in self._initial.items()},
-        }
+        held = self.run.held if self.run is not None else (self._restored or {})
+        return {"history": [dict(r) for r in self.history], "last_step": self.last_step, "initial": dict(held)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Runs before on_train_start: stash W₀, applied there.
+        # Runs before on_train_start: stash the start copies, which the RunDelta made there takes.
         self.history = [dict(r) for r in state_dict.get("history", [])]
         self.last_step = int(state_dict.get("last_step", -1))
         self._restored = state_dict.get("initial") or None
@@ -251,39 +181,3 @@ def _log_metrics(trainer: Trainer, metrics: dict[str, float], step: int) -> None
     # Straight to the loggers: Trainer(log_every_n_steps) would otherwise drop most measurements.
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
-
-
-def write_history(rows: list[dict], path: Path) -> Path:
-    """The history as CSV, written atomically."""
-    return write_csv(path, rows, COLUMNS)
-
-
-def plot_history(rows: list[dict], path: Path) -> Path:
-    """Heatmap of per-layer mean shares (rows: layers, then the pooled `overall`; columns: steps).
-
-    Layer rows average their weights' shares; `overall` pools energy, so it weighs large updates more.
-    """
-    by_step: dict[int, list[dict]] = defaultdict(list)
-    for row in rows:
-        by_step[row["step"]].append(row)
-    steps = sorted(by_step)
-    if len(steps) > MAX_HEATMAP_COLUMNS:
-        # Evenly spaced measurements, always keeping the last one.
-        picks = {round(i * (len(steps) - 1) / (MAX_HEATMAP_COLUMNS - 1)) for i in range(MAX_HEATMAP_COLUMNS)}
-        steps = [steps[i] for i in sorted(picks)]
-    means = {step: layer_means(by_step[step]) for step in steps}
-    overall = {step: next(r for r in by_step[step] if r["name"] == OVERALL) for step in steps}
-    layers = sorted({layer for m in means.values() for layer in m}, key=_layer_order)
-    values = [[means[s].get(layer, math.nan) for s in steps] for layer in layers]
-    values.append([overall[s]["share"] for s in steps])
-    baseline = overall[steps[-1]]["random"]
-    return heatmap(
-        values,
-        path,
-        row_labels=layers + [OVERALL],
-        col_labels=[str(s) for s in steps],
-        title=f"Update energy in the subspace (pooled random {baseline:.2f})",
-        xlabel="optimizer step",
-        ylabel="layer",
-        colorbar_label="‖PΔW‖² / ‖ΔW‖²",
-    )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -10,14 +11,18 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from safeproj.callbacks._options import basis_options
-from safeproj.core.options import KEEPS
+from safeproj.callbacks._options import basis_options, check_option, misconfigured
+from safeproj.core.basis import Basis
+from safeproj.core.names import parse_name
+from safeproj.core.options import KEEPS, BasisSide, Keep, Selection
+from safeproj.core.projector import project, project_left, project_right
 from safeproj.core.targets import Target, find_targets
 from safeproj.model.subspaces import expand_spec, resolve_basis
-from safeproj.core.basis import Basis
-from safeproj.core.projector import project, project_left, project_right
+from safeproj.runs import content_sha256
+from safeproj.wandb import log_table, update_config
 
-MODES = ("update", "grad")
+Mode = Literal["update", "grad"]
+MODES: tuple[str, ...] = get_args(Mode)
 
 
 class OnlineProjection(Callback):
@@ -32,8 +37,9 @@ class OnlineProjection(Callback):
     clipping): exact for plain SGD, and needs no copy.
 
     LoRA: ΔW = s·B·A stays in range(P) when the left side projects B (P·B) and the right side projects
-    A (A·Q); in update mode this needs no W₀ because B starts at zero. P_k⊥ on both sides at once is not
-    expressible on the factors and is refused.
+    A (A·Q); in update mode this needs no W₀ because B starts at zero. Both modes project the factors
+    once at fit start (A starts random, and projected gradients alone would leave it so). P_k⊥ on both
+    sides at once is not expressible on the factors and is refused.
 
     Args:
         subspace: basis artifact, `safety:<preset>`, or a delta spec (see `safeproj.model.subspaces`).
@@ -41,6 +47,13 @@ class OnlineProjection(Callback):
         on: "update" or "grad".
         frac, eta, selection, side, seed, include, exclude: how to build the basis from a delta
             (ignored when `subspace` is an artifact).
+        log_every_n_steps: every this many optimizer steps, log `projection/removed_share` (the share of
+            the step's update energy, ‖u − P·u‖²/‖u‖², that projection removed; of the gradient in grad
+            mode) overall and per module type (`projection/removed_share/<type>`); 0 turns it off. Each
+            measured step holds one extra copy of the projected weights (update mode) while it runs.
+
+    Logs once at fit start the table `projection/basis` (k and kept energy per tensor) and, in the W&B
+    config, the basis file and its SHA-256 when `subspace` is a basis file.
 
     Raises:
         MisconfigurationException: on an unknown keep/on, or a basis that does not fit the model.
@@ -49,31 +62,46 @@ class OnlineProjection(Callback):
     def __init__(
         self,
         subspace: str,
-        keep: str = "orthogonal",
-        on: str = "update",
+        keep: Keep = "orthogonal",
+        on: Mode = "update",
         frac: float | None = None,
         eta: float | None = None,
-        selection: str = "top",
-        side: str = "left",
+        selection: Selection = "top",
+        side: BasisSide = "left",
         seed: int = 0,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        log_every_n_steps: int = 10,
     ) -> None:
-        if keep not in KEEPS:
-            raise MisconfigurationException(f"OnlineProjection keep={keep!r}: expected one of {KEEPS}")
-        if on not in MODES:
-            raise MisconfigurationException(f"OnlineProjection on={on!r}: expected one of {MODES}")
+        check_option("OnlineProjection", "keep", keep, KEEPS)
+        if not isinstance(log_every_n_steps, int) or log_every_n_steps < 0:
+            raise MisconfigurationException(
+                f"OnlineProjection log_every_n_steps={log_every_n_steps!r}: expected an integer >= 0"
+            )
+        self.log_every_n_steps = log_every_n_steps
+        check_option("OnlineProjection", "on", on, MODES)
         self.subspace = subspace
         self.keep = keep
         self.on = on
         self.options = basis_options(
-            "OnlineProjection", frac=frac, eta=eta, selection=selection, side=side, seed=seed, include=include, exclude=exclude
+            "OnlineProjection",
+            frac=frac,
+            eta=eta,
+            selection=selection,
+            side=side,
+            seed=seed,
+            include=include,
+            exclude=exclude,
         )
         self.basis: Basis | None = None
         self.targets: list[Target] = []
         self._initial: dict[str, torch.Tensor] = {}
         self._hook = None
         self.projected_steps = 0
+        # Diagnostics of the step being measured: weights before it, and removed / total energy per module type.
+        self._measuring = False
+        self._before: dict[str, list[torch.Tensor]] = {}
+        self._energy: dict[str, list[float]] = {}
 
     @property
     @override
@@ -84,11 +112,10 @@ class OnlineProjection(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.basis is not None:
             return
-        try:
-            self.basis = resolve_basis(expand_spec(self.subspace, getattr(pl_module, "model_name", None)), self.options, progress=trainer.is_global_zero)
+        with misconfigured("OnlineProjection"):
+            spec = expand_spec(self.subspace, getattr(pl_module, "model_name", None))
+            self.basis = resolve_basis(spec, self.options, progress=trainer.is_global_zero)
             self.targets = find_targets(pl_module.model, self.basis)
-        except ValueError as err:
-            raise MisconfigurationException(f"OnlineProjection: {err}") from None
         if self.options.side == "both" and self.keep == "orthogonal" and any(t.is_lora for t in self.targets):
             raise MisconfigurationException(
                 "OnlineProjection: keep='orthogonal' with side='both' cannot be applied to LoRA factors; "
@@ -111,7 +138,15 @@ class OnlineProjection(Callback):
             self._hook = trainer.optimizers[0].register_step_post_hook(lambda *_: self._after_step())
             # Start inside the subspace too (a LoRA B that is not zero).
             self.project_weights()
+        else:
+            # Projected gradients keep each factor's change in range, not its random start (LoRA's A):
+            # project the factors once, so s·B·A starts, and stays, in the subspace.
+            with torch.no_grad():
+                for t in self.targets:
+                    if t.is_lora:
+                        self._project_target(t)
         n = sum((t.weight.numel() if not t.is_lora else t.lora_b.numel()) for t in self.targets)
+        self._log_provenance(trainer)
         rank_zero_info(
             f"OnlineProjection: keep={self.keep} on={self.on} over {len(self.targets)} tensors "
             f"({n / 1e6:.1f}M values), basis {self.basis.nbytes() / 2**20:.1f} MiB"
@@ -119,8 +154,26 @@ class OnlineProjection(Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        n = self.log_every_n_steps
+        self._measuring = n > 0 and trainer.global_step % n == 0 and trainer.is_global_zero
+        if self._measuring and self.on == "update":
+            self._before = {t.name: [p.detach().clone() for p in _tensors(t)] for t in self.targets}
         if self.on == "grad":
             self.project_grads()
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        if not self._energy:
+            return
+        removed = sum(e[0] for e in self._energy.values())
+        total = sum(e[1] for e in self._energy.values())
+        metrics = {"projection/removed_share": removed / total if total > 0 else 0.0}
+        for module, (r, t) in sorted(self._energy.items()):
+            metrics[f"projection/removed_share/{module}"] = r / t if t > 0 else 0.0
+        self._energy = {}
+        # Straight to the loggers: `pl_module.log` would drop values on steps Lightning does not log.
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -132,10 +185,15 @@ class OnlineProjection(Callback):
     def project_grads(self) -> None:
         for t in self.targets:
             entry = self.basis.entries[t.name]
+            grads = [p.grad for p in _tensors(t) if p.grad is not None]
+            raw = [g.clone() for g in grads] if self._measuring else None
             if t.is_lora:
                 self._project_factors(entry, t.lora_b.grad, t.lora_a.grad)
             elif t.weight.grad is not None:
                 t.weight.grad.copy_(project(t.weight.grad, entry, self.keep))
+            if raw is not None:
+                self._add_energy(t.name, raw, grads, [torch.zeros_like(g) for g in grads])
+        self._measuring = False
         self.projected_steps += 1
 
     def _after_step(self) -> None:
@@ -145,15 +203,49 @@ class OnlineProjection(Callback):
     @torch.no_grad()
     def project_weights(self) -> None:
         for t in self.targets:
-            entry = self.basis.entries[t.name]
-            if t.is_lora:
-                self._project_factors(entry, t.lora_b, t.lora_a)
-            elif t.weight.dtype == torch.float32 and t.weight.ndim == 2 and (entry.left is None) != (entry.right is None):
-                self._project_in_place(t.weight, self._initial[t.name], entry)
-            else:
-                w0 = self._initial[t.name]
-                delta = project(t.weight.float() - w0.float(), entry, self.keep)
-                t.weight.copy_(w0.float() + delta)
+            before = self._before.pop(t.name, None)
+            stepped = [p.detach().clone() for p in _tensors(t)] if before is not None else None
+            self._project_target(t)
+            if before is not None:
+                self._add_energy(t.name, stepped, [p.detach() for p in _tensors(t)], before)
+        self._measuring = False
+
+    def _add_energy(self, name: str, stepped: list, projected: list, before: list) -> None:
+        """Adds ‖stepped − projected‖² (removed) and ‖stepped − before‖² (the update) to `name`'s module type."""
+        totals = self._energy.setdefault(parse_name(name)[1], [0.0, 0.0])
+        for s, p, b in zip(stepped, projected, before):
+            totals[0] += float((s.float() - p.float()).square().sum())
+            totals[1] += float((s.float() - b.float()).square().sum())
+
+    def _log_provenance(self, trainer: Trainer) -> None:
+        rows = [
+            {
+                "tensor": name,
+                "module": parse_name(name)[1],
+                "shape": "x".join(map(str, e.shape)),
+                "k_left": e.left.k if e.left is not None else None,
+                "k_right": e.right.k if e.right is not None else None,
+                "energy_kept": float(e.energy_kept),
+            }
+            for name, e in sorted(self.basis.entries.items())
+        ]
+        log_table(trainer.loggers, "projection/basis", rows)
+        if self.subspace.endswith(".safetensors") and Path(self.subspace).is_file():
+            path = str(Path(self.subspace).resolve())
+            update_config(
+                trainer.loggers, {"projection.basis_file": path, "projection.basis_sha256": content_sha256(path)}
+            )
+
+    def _project_target(self, t: Target) -> None:
+        entry = self.basis.entries[t.name]
+        if t.is_lora:
+            self._project_factors(entry, t.lora_b, t.lora_a)
+        elif t.weight.dtype == torch.float32 and t.weight.ndim == 2 and (entry.left is None) != (entry.right is None):
+            self._project_in_place(t.weight, self._initial[t.name], entry)
+        else:
+            w0 = self._initial[t.name]
+            delta = project(t.weight.float() - w0.float(), entry, self.keep)
+            t.weight.copy_(w0.float() + delta)
 
     def _project_in_place(self, w: torch.Tensor, w0: torch.Tensor, entry) -> None:
         """W ← W₀ + P(W − W₀) for one stored side, with one temporary: the step is memory-bound.
@@ -186,3 +278,8 @@ class OnlineProjection(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.projected_steps = int(state_dict.get("projected_steps", 0))
+
+
+def _tensors(t: Target) -> list[torch.Tensor]:
+    """The parameters projection changes for a target: its weight, or its LoRA factors."""
+    return [p for p in (t.lora_b, t.lora_a) if p is not None] if t.is_lora else [t.weight]

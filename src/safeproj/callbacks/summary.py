@@ -1,9 +1,10 @@
 """RunSummary: one `summary.json` per finished run, the sweep's "done" marker and the report's input.
 
 The file holds the final metrics (as floats), the resolved config LightningCLI saved beside the run,
-the post hoc projection rows if any, the global step and `"status": "done"`. It is written once,
-atomically, when `fit` has returned from every `on_train_end` (the checkpoint and post hoc rows
-exist by then), so a crashed or killed run never has one.
+the post hoc projection rows if any, the global step and `"status": "done"` (`"empty"` when the run
+made no optimizer step). It is written once, atomically, when `fit` has returned from every
+`on_train_end` (the checkpoint and post hoc rows exist by then), so a crashed or killed run never has one.
+A run stopped by `NonFiniteGuard` did finish, badly: it gets `"status": "failed"` and the guard's `"reason"`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
+
+from safeproj.core.finite import NonFiniteError
 from safeproj.io import plain_float, plain_row, write_json
 from safeproj.runs import CONFIG_FILE, FORMAT, POSTHOC_FILE, SUMMARY_FILE, metric_name
+
 
 class RunSummary(Callback):
     """Writes `<default_root_dir>/summary.json` when a fit finishes.
@@ -76,6 +80,15 @@ class RunSummary(Callback):
         self.path = write_json(Path(trainer.default_root_dir) / self.filename, summary, allow_nan=False)
         rank_zero_info(f"RunSummary: {len(summary['metrics'])} metrics -> {self.path}")
 
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # Only divergence is recorded: it is a result (a rerun diverges again); other crashes stay unfinished.
+        if not trainer.is_global_zero or not isinstance(exception, NonFiniteError):
+            return
+        summary = {**self.collect(trainer), "status": "failed", "reason": str(exception)}
+        self.path = write_json(Path(trainer.default_root_dir) / self.filename, summary, allow_nan=False)
+        rank_zero_info(f"RunSummary: failed ({exception}) -> {self.path}")
+
     def collect(self, trainer: Trainer) -> dict[str, Any]:
         """The summary as a JSON-able dict."""
         metrics = {k: v for k, v in ((k, plain_float(v)) for k, v in trainer.callback_metrics.items()) if v is not None}
@@ -95,7 +108,8 @@ class RunSummary(Callback):
                     metrics.setdefault(name, value)
         return {
             "format": FORMAT,
-            "status": "done",
+            # A run that made no optimizer step (max_steps 0, no batches) did nothing: never "done".
+            "status": "done" if trainer.global_step > 0 else "empty",
             "global_step": int(trainer.global_step),
             "root_dir": str(Path(trainer.default_root_dir).resolve()),
             "seconds": round(time.time() - self._started, 3),

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
-from safeproj import io
-from safeproj.eval.gsm8k import evaluate_gsm8k
-from safeproj.eval.harm import evaluate_harm
-from safeproj.eval.judges import OpenAIJudge, RefusalJudge
+from safeproj.commands.checks import check_dataset, check_model_spec
+from safeproj.eval.gsm8k import evaluate_gsm8k, load_gsm8k
+from safeproj.eval.harm import evaluate_harm, load_harmful_prompts
+from safeproj.eval.judges import DEFAULT_CONCURRENCY, OPENAI_BASE_URL, OpenAIJudge, RefusalJudge
+from safeproj.eval.judges.credentials import read_api_key
 from safeproj.eval.stats import harm_report, utility_report
-
-OPENAI_BASE_URL = "https://api.openai.com/v1"
+from safeproj.io import plain_row, write_json
 
 
 def _adapter_base(adapter_dir: Path) -> str:
@@ -50,22 +49,6 @@ def load_for_eval(model: str, device: str = "auto", dtype: torch.dtype = torch.f
     return net.to(device).eval(), tokenizer
 
 
-def _plain(value):
-    """JSON-safe: NaN becomes null (strict JSON has no NaN)."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
-def write_json(path: str | Path, payload: dict) -> None:
-    """The payload as JSON (tensors and numpy values made plain), written atomically."""
-    io.write_json(path, _plain(payload))
-
-
 def format_table(results: dict[str, dict[str, float]]) -> str:
     """metric | value | 95 % CI, one line per headline number."""
     lines = [f"{'metric':<26}{'value':>10}  95% CI"]
@@ -93,7 +76,7 @@ def eval_command(
     judge_base_url: str | None = None,
     judge_model: str | None = None,
     judge_api_key_env: str = "OPENAI_API_KEY",
-    judge_concurrency: int = 8,
+    judge_concurrency: int = DEFAULT_CONCURRENCY,
     judge_cache: str | None = None,
     out: str | None = None,
     device: str = "auto",
@@ -128,6 +111,14 @@ def eval_command(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if judge_base_url and not judge_model:
         raise ValueError(f"judge_base_url={judge_base_url!r} needs judge_model")
+    # Files and specs first: a bad one should not wait for a model to load.
+    check_model_spec("--model", model, adapters=True)
+    if judge_model:
+        read_api_key(judge_api_key_env)
+    if utility:
+        check_dataset("--utility_dataset", utility_dataset, load_gsm8k)
+    if harm:
+        check_dataset("--harm_dataset", harm_dataset, load_harmful_prompts)
     judge = RefusalJudge()
     if judge_model:
         from safeproj.model.loading import cache_dir
@@ -145,14 +136,26 @@ def eval_command(
     rows: dict[str, list[dict]] = {}
     if utility:
         metrics, rows["utility"] = evaluate_gsm8k(
-            net, tokenizer, utility_dataset, num_samples, n_shot=n_shot,
-            max_new_tokens=utility_max_new_tokens, batch_size=batch_size, seed=seed,
+            net,
+            tokenizer,
+            utility_dataset,
+            num_samples,
+            n_shot=n_shot,
+            max_new_tokens=utility_max_new_tokens,
+            batch_size=batch_size,
+            seed=seed,
         )
         results["utility"] = {**utility_report(rows["utility"], seed=seed), **metrics}
     if harm:
         metrics, rows["harm"] = evaluate_harm(
-            net, tokenizer, judge, harm_dataset, num_samples,
-            max_new_tokens=harm_max_new_tokens, batch_size=batch_size, seed=seed,
+            net,
+            tokenizer,
+            judge,
+            harm_dataset,
+            num_samples,
+            max_new_tokens=harm_max_new_tokens,
+            batch_size=batch_size,
+            seed=seed,
         )
         results["harm"] = {**harm_report(rows["harm"], seed=seed), **metrics}
 
@@ -161,13 +164,23 @@ def eval_command(
         "model": model,
         "judge": repr(judge),
         "settings": {
-            "utility_dataset": utility_dataset, "harm_dataset": harm_dataset, "num_samples": num_samples,
-            "n_shot": n_shot, "utility_max_new_tokens": utility_max_new_tokens,
-            "harm_max_new_tokens": harm_max_new_tokens, "seed": seed,
+            "utility_dataset": utility_dataset,
+            "harm_dataset": harm_dataset,
+            "num_samples": num_samples,
+            "n_shot": n_shot,
+            "utility_max_new_tokens": utility_max_new_tokens,
+            "harm_max_new_tokens": harm_max_new_tokens,
+            "seed": seed,
         },
         "metrics": results,
         "rows": rows,
     }
     if out:
-        write_json(out, payload)
+        # Strict JSON: NaN (an unscored metric) is written as null.
+        plain = {
+            **payload,
+            "metrics": {section: plain_row(metrics) for section, metrics in results.items()},
+            "rows": {section: [plain_row(row) for row in section_rows] for section, section_rows in rows.items()},
+        }
+        write_json(out, plain, allow_nan=False)
     return payload

@@ -19,17 +19,15 @@ from typing import Any
 from filelock import FileLock
 
 from safeproj.model.loading import PRESETS, SAFETY_SUFFIX, PrerequisiteMissing, safety_dir, safety_tuned_dir
-from safeproj.runs import config_path, recipe_path
+from safeproj.runs import SAFETY_PRESET_CONFIGS, SAFETY_RECIPE, config_path, recipe_path
 
-RECIPE = "safety_tune.yaml"
-PRESET_CONFIGS = {"tiny": "model/tiny.yaml"}  # layered on the recipe, which is sized for SmolLM2
 
 
 def safety_tune_command(preset: str, seed: int = 0) -> Path:
     """The `fit` command line that safety-tunes `preset` into `target` (a run folder of its own)."""
-    cmd = [sys.executable, "-m", "safeproj.cli", "fit", "--config", str(recipe_path(RECIPE))]
-    if preset in PRESET_CONFIGS:
-        cmd += ["--config", str(config_path(PRESET_CONFIGS[preset]))]
+    cmd = [sys.executable, "-m", "safeproj.cli", "fit", "--config", str(recipe_path(SAFETY_RECIPE))]
+    if preset in SAFETY_PRESET_CONFIGS:
+        cmd += ["--config", str(config_path(SAFETY_PRESET_CONFIGS[preset]))]
     return cmd + ["--model.model", preset, "--seed_everything", str(seed)]
 
 
@@ -50,7 +48,7 @@ def ensure_safety_tuned(preset: str, seed: int = 0) -> Path:
             "--trainer.default_root_dir", str(work),
             "--trainer.logger", "false",
         ]
-        print(f"Safety-tuning {preset} with {RECIPE} (once; cached in {target})", file=sys.stderr, flush=True)
+        print(f"Safety-tuning {preset} with {SAFETY_RECIPE} (once; cached in {target})", file=sys.stderr, flush=True)
         try:
             code = subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         finally:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import lightning as L
-from safetensors import safe_open
 
-from safeproj.callbacks.posthoc_projection import FRACS, SELECTIONS, SubspaceGrid, Variant, run_variants, write_variant_rows
+from safeproj.core.deltas import RunDelta
+from safeproj.core.energy import SubspaceGrid, Variant, check_grid
+from safeproj.core.options import FRACS, KEEPS, SELECTIONS, BasisOptions, BasisSide, Keep, Selection, check_choice
 from safeproj.core.targets import find_weights
+from safeproj.core.variants import run_variants, write_variant_rows
 from safeproj.model.subspaces import delta_source
 from safeproj.runs import run_manifest
 
@@ -39,27 +42,13 @@ def load_run(run: str):
     return model, AutoTokenizer.from_pretrained(run), base, bool(manifest.get("lora"))
 
 
-def read_tensors(directory: str, names) -> dict:
-    """Named tensors from a Hugging Face directory's safetensors files, one file open at a time."""
-    wanted, found = set(names), {}
-    for file in sorted(Path(directory).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if key in wanted:
-                    found[key] = f.get_tensor(key)
-    missing = wanted - set(found)
-    if missing:
-        raise ValueError(f"{directory} has no tensor {sorted(missing)[0]}")
-    return found
-
-
 def project_command(
     run: str,
     subspace: str,
     fracs: list[float] = list(FRACS),
-    selections: list[str] = list(SELECTIONS),
-    keep: str = "parallel",
-    side: str = "left",
+    selections: list[Selection] = list(SELECTIONS),
+    keep: Keep = "parallel",
+    side: BasisSide = "left",
     seed: int = 0,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
@@ -85,21 +74,29 @@ def project_command(
         num_samples: prompts per evaluation.
         out_dir: where posthoc.csv/json go (default `<run>/../posthoc`).
     """
-    from safeproj.callbacks.evaluation import HarmEval, UtilityEval
+    from safeproj.callbacks import HarmEval, UtilityEval
 
-    model, tokenizer, base, lora = load_run(run)
-    source = delta_source(subspace, include, exclude)
+    check_choice("keep", keep, KEEPS)
+    options = BasisOptions(side=side, seed=seed, include=include, exclude=exclude)
+    fracs, selections = check_grid(fracs, selections)
+    model, tokenizer, base, _ = load_run(run)
+    source = delta_source(subspace, options.include, options.exclude)
     targets = find_weights(model, source.names())
-    initial = {} if lora else read_tensors(base, [t.name for t in targets if not t.is_lora])
-    grid = SubspaceGrid(source, [t.name for t in targets], side=side, seed=seed)
+    # The run's start is its base checkpoint; LoRA adapters start at B₀ = 0.
+    start = RunDelta(targets, base, fresh_adapters=True)
+    if start.held:
+        raise ValueError(f"the run's base weights {base} lack {next(iter(start.held))} (or hold another shape)")
     evaluators = []
     if utility:
         evaluators.append(UtilityEval(num_samples=num_samples))
     if harm:
         evaluators.append(HarmEval(num_samples=num_samples))
     variants = [Variant(f, s) for s in selections for f in fracs]
-    rows = list(run_variants(_Holder(model, tokenizer), targets, initial, grid, variants, keep, evaluators))
     out = Path(out_dir or Path(run).parent / "posthoc")
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".posthoc-spectra-", dir=out) as spectra:
+        grid = SubspaceGrid(source, [t.name for t in targets], side=options.side, seed=options.seed, cache_dir=spectra)
+        rows = list(run_variants(_Holder(model, tokenizer), start, grid, variants, keep, evaluators))
     csv_path = write_variant_rows(rows, out)
     for row in rows:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))

@@ -9,6 +9,7 @@ The left subspace of an m×n delta lives in R^m and the right one in R^n; for a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -26,14 +27,14 @@ from tqdm.auto import tqdm
 from safeproj import __version__
 from safeproj.core.deltas import DeltaSource
 from safeproj.core.factors import BasisEntry, Factor
-from safeproj.core.options import BASIS_SIDES, SELECTIONS, check_fraction
+from safeproj.core.options import BASIS_SIDES, SELECTIONS, BasisOptions, check_fraction
 from safeproj.core.projector import energy_share
 from safeproj.core.spectrum import (
     AUTO_METHOD,
     METHODS,
+    Factorization,
     all_finite,
     as_matrix,
-    Factorization,
     energy_spectrum,
     gaussian_matrix,
     k_for_energy,
@@ -47,6 +48,10 @@ from safeproj.io import atomic_file
 
 FORMAT = "safeproj.basis"
 FORMAT_VERSION = 1
+# A stored factor must be orthonormal to this (max |(QᵀQ − I)x| over a few fixed random probes x): float32
+# round-off stays far below it; a flipped exponent or sign bit does not.
+ORTHONORMAL_TOL = 1e-3
+_PROBES = 8
 
 
 @dataclass
@@ -104,6 +109,8 @@ class Basis:
             "format_version": str(FORMAT_VERSION),
             "meta": json.dumps(self.meta),
             "entries": json.dumps(index),
+            # Checked at load: a file corrupted on disk is refused rather than projected with.
+            "digests": json.dumps({key: tensor_digest(t) for key, t in tensors.items()}),
         }
         with atomic_file(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -123,14 +130,40 @@ class Basis:
                     raise ValueError(f"format version {header['format_version']} is newer than this safeproj")
                 meta = json.loads(header["meta"])
                 index = json.loads(header["entries"])
-                entries = {name: _read_entry(f, name, spec) for name, spec in index.items()}
+                # Files written before digests existed have none; the orthonormality check still applies.
+                digests = json.loads(header["digests"]) if "digests" in header else None
+                read = partial(_checked_tensor, f, digests)
+                entries = {name: _read_entry(f, read, name, spec) for name, spec in index.items()}
         except Exception as err:  # safetensors, JSON and layout errors all mean the same thing here
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"cannot read basis file {path}: {reason}") from None
         return cls(entries, meta)
 
 
-def _read_entry(f, name: str, spec: dict) -> BasisEntry:
+def tensor_digest(tensor: Tensor) -> str:
+    """A content hash of a CPU tensor's bytes (dtype and shape included)."""
+    h = hashlib.blake2b(f"{tensor.dtype}:{tuple(tensor.shape)}:".encode(), digest_size=16)
+    h.update(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+def orthonormality_error(Q: Tensor) -> float:
+    """max |(QᵀQ − I)x| over fixed random probes x: O(d·k) where the exact QᵀQ would cost O(d·k²)."""
+    if Q.shape[1] == 0:
+        return 0.0
+    x = torch.randn(Q.shape[1], _PROBES, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    Q = Q.double()
+    return float((Q.T @ (Q @ x) - x).abs().max())
+
+
+def _checked_tensor(f, digests: dict | None, key: str) -> Tensor:
+    tensor = f.get_tensor(key)
+    if digests is not None and digests.get(key) != tensor_digest(tensor):
+        raise ValueError(f"tensor {key} does not match its digest (the file is corrupt)")
+    return tensor
+
+
+def _read_entry(f, read, name: str, spec: dict) -> BasisEntry:
     shape = tuple(int(s) for s in spec["shape"])
     if len(shape) not in (1, 2):
         raise ValueError(f"tensor {name!r} has shape {shape}, expected 1-D or 2-D")
@@ -141,13 +174,16 @@ def _read_entry(f, name: str, spec: dict) -> BasisEntry:
         if complement is None:
             factors[side] = None
             continue
-        Q = f.get_tensor(f"{name}::{side}")
+        Q = read(f"{name}::{side}")
         if Q.ndim != 2 or Q.shape[0] != dims[side] or not all_finite(Q):
             raise ValueError(f"factor {name}::{side} has shape {tuple(Q.shape)}, expected {dims[side]} rows")
+        error = orthonormality_error(Q)
+        if not error <= ORTHONORMAL_TOL:
+            raise ValueError(f"factor {name}::{side} is not orthonormal (|QᵀQ − I| ≈ {error:.1e} > {ORTHONORMAL_TOL})")
         factors[side] = Factor(Q, bool(complement))
     if factors["left"] is None and factors["right"] is None:
         raise ValueError(f"tensor {name!r} has no factor")
-    spectrum = f.get_tensor(f"{name}::spectrum") if f"{name}::spectrum" in f.keys() else None
+    spectrum = read(f"{name}::spectrum") if f"{name}::spectrum" in f.keys() else None
     return BasisEntry(
         name=name,
         shape=shape,
@@ -271,6 +307,19 @@ def build_basis(
         "bytes_ratio": _bytes_ratio(entries),
     }
     return Basis(entries, meta)
+
+
+def build_basis_with(source, options: BasisOptions, progress: bool = True) -> Basis:
+    """`build_basis` with the settings of a BasisOptions (its include/exclude already applied by `source`)."""
+    return build_basis(
+        source,
+        frac=options.frac,
+        eta=options.eta,
+        selection=options.selection,
+        side=options.side,
+        seed=options.seed,
+        progress=progress,
+    )
 
 
 def _bytes_ratio(entries: dict[str, BasisEntry]) -> float:

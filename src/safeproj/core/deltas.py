@@ -7,6 +7,10 @@ matrices of the decoder blocks are selected; embeddings, lm_head, norms and bias
 through `include`. Downstream, a 1-D tensor of length m is treated as the m×1 matrix (its
 subspace is the span of the vector). Deltas keep the stored layout: GPT-2's Conv1D weights are
 (in, out), so their "left" side is the input space.
+
+Sources: two checkpoints (CheckpointDelta), a PEFT adapter (LoraDelta), two in-memory mappings
+(TensorDelta) and a training run against its start (RunDelta). They stay in one module, a little over
+400 lines, because they share DeltaSource's contract and `delta_from_spec` chooses among them.
 """
 
 from __future__ import annotations
@@ -22,21 +26,17 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from safeproj.core.names import BLOCK
 from safeproj.core.spectrum import all_finite
+from safeproj.core.tensor_files import SafetensorsFiles, sha256_file
 
-_BLOCK = r"(?:^|\.)(?:layers|h|blocks)\.\d+\."
 DEFAULT_INCLUDE = (
     # Llama/Mistral/Qwen/OPT (q,k,v,o; out_proj), Phi-3 (qkv_proj), GPT-2 (c_attn, c_proj), NeoX/Falcon.
-    _BLOCK + r"(?:self_attn|attn|attention|self_attention)\."
+    BLOCK + r"(?:self_attn|attn|attention|self_attention)\."
     r"(?:q_proj|k_proj|v_proj|o_proj|out_proj|qkv_proj|c_attn|c_proj|query_key_value|dense)\.weight$",
-    _BLOCK + r"(?:mlp\.)?"
+    BLOCK + r"(?:mlp\.)?"
     r"(?:gate_proj|up_proj|down_proj|gate_up_proj|c_fc|c_proj|dense_h_to_4h|dense_4h_to_h|fc1|fc2)\.weight$",
 )
-# A tied output head is often saved only once, under the embedding's name.
-TIED_ALIASES = {
-    "lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight"),
-}
-_HASH_CHUNK = 1 << 20
 
 
 def _patterns(patterns: str | Iterable[str] | None, what: str) -> list[re.Pattern]:
@@ -67,15 +67,6 @@ def select_names(
 def natural_key(name: str) -> list:
     """Sort key putting layer 2 before layer 10 (safetensors headers list names alphabetically)."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def sha256_file(path: str | Path) -> str:
-    """Content hash of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class DeltaSource:
@@ -133,58 +124,6 @@ class DeltaSource:
         return selected
 
 
-class _Safetensors:
-    """Tensor name → file for a safetensors file, an HF directory, or a sharded HF directory."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        p = self.path
-        self.index: Path | None = None
-        if p.is_file() and p.suffix == ".safetensors":
-            files = {p: None}
-        elif (p / "model.safetensors.index.json").is_file():
-            self.index = p / "model.safetensors.index.json"
-            try:
-                weight_map = json.loads(self.index.read_text())["weight_map"]
-            except (ValueError, KeyError) as err:
-                raise ValueError(f"unreadable shard index {self.index}: {err}") from None
-            files = {p / f: None for f in dict.fromkeys(weight_map.values())}
-        elif (p / "model.safetensors").is_file():
-            files = {p / "model.safetensors": None}
-        elif p.is_dir() and any(p.glob("*.bin")):
-            raise ValueError(
-                f"{p} holds pickled weights only; safeproj reads safetensors (re-save with safe_serialization)"
-            )
-        else:
-            raise ValueError(f"{p} is neither a .safetensors file nor a directory with model.safetensors(.index.json)")
-        self.file_of: dict[str, Path] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        for file in files:
-            try:
-                with safe_open(str(file), framework="pt", device="cpu") as f:
-                    for key in f.keys():
-                        self.file_of[key] = file
-                        self.shapes[key] = tuple(f.get_slice(key).get_shape())
-            except FileNotFoundError:
-                raise ValueError(f"shard {file} listed in {self.index} is missing") from None
-            except Exception as err:
-                raise ValueError(f"cannot read safetensors file {file}: {err}") from None
-
-    def resolve(self, name: str) -> str | None:
-        """The stored name holding `name` (itself, or a tied alias), or None."""
-        if name in self.file_of:
-            return name
-        return next((a for a in TIED_ALIASES.get(name, ()) if a in self.file_of), None)
-
-    def read(self, stored: str) -> Tensor:
-        with safe_open(str(self.file_of[stored]), framework="pt", device="cpu") as f:
-            return f.get_tensor(stored)
-
-    def files(self, stored_names: Iterable[str]) -> list[Path]:
-        used = dict.fromkeys(self.file_of[n] for n in stored_names)
-        return ([self.index] if self.index else []) + list(used)
-
-
 class CheckpointDelta(DeltaSource):
     """Δ = tuned − base between two safetensors checkpoints (HF dirs, sharded or not, or files).
 
@@ -196,7 +135,7 @@ class CheckpointDelta(DeltaSource):
 
     def __init__(self, tuned: str | Path, base: str | Path, include=None, exclude=None):
         super().__init__()
-        self.tuned, self.base = _Safetensors(tuned), _Safetensors(base)
+        self.tuned, self.base = SafetensorsFiles(tuned), SafetensorsFiles(base)
         union = sorted(set(self.tuned.shapes) | set(self.base.shapes), key=natural_key)
         self._names = self._select(union, include, exclude, f"{tuned} and {base}")
         self._stored: dict[str, tuple[str, str]] = {}
@@ -386,6 +325,88 @@ class TensorDelta(DeltaSource):
                 digest.update(str((tuple(t.shape), str(t.dtype))).encode())
                 digest.update(_tensor_bytes(t))
         return {"kind": self.kind, "n_tensors": len(self._names), "sha256": digest.hexdigest()}
+
+
+class RunDelta(DeltaSource):
+    """The update of a training run, W_now − W_start, one tensor at a time (`get`: float32 on CPU).
+
+    Made when training starts, over the run's weights (`core.targets.Target`s: plain parameters or
+    LoRA pairs). A plain weight's start is read from `start_dir`, the run's starting weights on disk
+    (SafeprojLM's `base_dir`), whenever that folder holds the tensor with the same shape; otherwise it
+    is copied to CPU here. A LoRA pair's update is the change of its merged weight, s·B·A − s·B₀·A₀:
+    its start factors are copied (r·(m+n) values), or, with `fresh_adapters`, taken as B₀ = 0 (PEFT
+    starts B at zero), which needs no copy. `held` holds every copy: what a checkpoint must keep for a
+    resumed run to measure from the same start, given back through the `held` argument.
+    """
+
+    kind = "run"
+
+    def __init__(
+        self,
+        targets: Iterable,
+        start_dir: str | Path | None = None,
+        held: Mapping[str, Tensor] | None = None,
+        fresh_adapters: bool = False,
+    ) -> None:
+        super().__init__()
+        self.targets = {t.name: t for t in targets}
+        self.start_dir = start_dir
+        self._files = _start_files(start_dir)
+        self._stored: dict[str, str] = {}  # name -> stored name in start_dir
+        self.held: dict[str, Tensor] = {}
+        restored = held or {}
+        for name, t in self.targets.items():
+            if t.is_lora:
+                self._shapes[name] = (t.lora_b.shape[0], t.lora_a.shape[1])
+                for key, factor in () if fresh_adapters else ((f"{name}::B", t.lora_b), (f"{name}::A", t.lora_a)):
+                    self.held[key] = restored[key] if key in restored else factor.detach().to("cpu", copy=True)
+                continue
+            self._shapes[name] = tuple(t.weight.shape)
+            stored = self._files.resolve(name) if self._files else None
+            if stored is not None and self._files.shapes[stored] == self._shapes[name]:
+                self._stored[name] = stored
+            else:
+                self.held[name] = restored[name] if name in restored else t.weight.detach().to("cpu", copy=True)
+        self._names = list(self.targets)
+
+    @property
+    def on_disk(self) -> list[str]:
+        """The plain weights whose start is read from `start_dir`."""
+        return list(self._stored)
+
+    def start(self, name: str) -> Tensor:
+        """W_start of a plain weight, on CPU in its stored dtype."""
+        self._check_name(name)
+        return self.held[name] if name in self.held else self._files.read(self._stored[name])
+
+    @torch.no_grad()
+    def update(self, name: str, now: Tensor | None = None) -> Tensor:
+        """ΔW in float32 on the weight's device; `now` stands in for a plain weight's current value."""
+        t = self.targets[name]
+        if t.is_lora:
+            delta = t.delta_weight()
+            if f"{name}::B" in self.held:
+                b0, a0 = (self.held[f"{name}::{part}"].to(delta.device).float() for part in "BA")
+                delta -= t.scaling * (b0 @ a0)
+            return delta
+        weight = (t.weight if now is None else now).detach()
+        return weight.float() - self.start(name).to(weight.device).float()
+
+    def _compute(self, name: str) -> Tensor:
+        return self.update(name).cpu()
+
+    def _describe(self) -> dict:
+        return {"kind": self.kind, "start_dir": str(self.start_dir), "tensors": len(self._names)}
+
+
+def _start_files(directory: str | Path | None) -> SafetensorsFiles | None:
+    """The safetensors of a run's start folder, or None where there is none to read."""
+    if not directory:
+        return None
+    try:
+        return SafetensorsFiles(directory)
+    except (OSError, ValueError):
+        return None  # e.g. an adapter folder: every start is then copied
 
 
 def _run_checkpoint(path: Path) -> Path | None:

@@ -32,6 +32,17 @@ def check_fraction(what: str, value: float) -> None:
         raise ValueError(f"{what} must be in (0, 1], got {value!r}")
 
 
+def check_fractions(what: str, values) -> list[float]:
+    """A grid of `what` values (fracs, etas), sorted and de-duplicated; ValueError naming a value outside (0, 1]."""
+    values = list(values)
+    if not values:
+        raise ValueError(f"no {what} given: expected at least one value in (0, 1]")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"{what}={value!r} is outside (0, 1]")
+    return sorted({float(v) for v in values})
+
+
 def check_seed(seed: int) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
         raise ValueError(f"seed must be an integer in [0, 2**31), got {seed!r}")

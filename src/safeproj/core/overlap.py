@@ -1,18 +1,30 @@
-"""How much two subspaces share: Mode Subspace Overlap (MSO) and principal angles.
+"""How much two subspaces share: Mode Subspace Overlap (MSO), principal angles, and MSO tables of two deltas.
 
 Subspaces are d×k matrices with orthonormal columns, or basis Factors (which may hold the
 complement of the kept subspace; the overlap is then computed without forming the kept basis).
+
+MSO(V, W; η) = ‖Q_Vᵀ Q_W‖_F² / min(k_V, k_W), where Q_V holds the top singular vectors of one side
+of Δ_V that carry a share η of ‖Δ_V‖_F² (likewise Q_W). Two random subspaces of dimension k_V, k_W in
+R^d give max(k_V, k_W) / d on average, the baseline every MSO is compared with. The tables take each
+tensor's spectrum once from a SpectrumCache for the whole η grid, one tensor at a time.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from safeproj.core.factors import Factor
-from safeproj.core.spectrum import orthogonal_complement
+from safeproj.core.names import module_sort_key, parse_name
+from safeproj.core.options import ETAS, Side, check_fractions
+from safeproj.core.spectra import SpectrumCache, Subspaces, shared_names
+from safeproj.core.spectrum import k_for_energy, orthogonal_complement
 
 
 def _parts(Q: Tensor | Factor, what: str) -> tuple[Tensor, bool, int, int]:
@@ -74,3 +86,152 @@ def principal_angles(Qv: Tensor | Factor, Qw: Tensor | Factor) -> Tensor:
     sin = torch.linalg.svdvals(A - B @ C).clamp(0, 1).flip(0)  # ascending, paired with cos
     angles = torch.where(cos > math.sqrt(0.5), torch.arcsin(sin), torch.arccos(cos))
     return angles.sort().values.float()
+
+
+def _mso_rows(name: str, spec_v, spec_w, etas: Sequence[float]) -> tuple[list[dict], int]:
+    """Rows for every η, and how many η were left out because a basis stores too few top vectors."""
+    (Qv, Sv), (Qw, Sw) = spec_v, spec_w
+    d = Qv.shape[0]
+    if Qw.shape[0] != d:
+        raise ValueError(f"tensor {name}: subspaces live in R^{d} and R^{Qw.shape[0]}")
+    layer, module = parse_name(name)
+    rows, skipped = [], 0
+    for eta in etas:
+        kv = k_for_energy(Sv, eta)
+        kw = k_for_energy(Sw, eta)
+        if kv > Qv.shape[1] or kw > Qw.shape[1]:
+            skipped += 1
+            continue
+        V, W = Qv[:, :kv], Qw[:, :kw]
+        overlap = mso(V, W)
+        baseline = random_baseline(kv, kw, d)
+        angles = principal_angles(V, W)
+        rows.append(
+            {
+                "name": name,
+                "layer": layer,
+                "module": module,
+                "eta": eta,
+                "k_v": kv,
+                "k_w": kw,
+                "d": d,
+                "mso": overlap,
+                "baseline": baseline,
+                "ratio": overlap / baseline,
+                "angle_deg": math.degrees(float(angles.mean())),
+            }
+        )
+    return rows, skipped
+
+
+def mso_tables(
+    source_v: Subspaces,
+    sources_w: Mapping[str, Subspaces],
+    etas: Sequence[float] = ETAS,
+    side: Side = "left",
+    modules: Sequence[str] | None = None,
+    cache: SpectrumCache | None = None,
+    progress: bool = False,
+    warn_unshared: bool = True,
+) -> dict[str, list[dict]]:
+    """`mso_table` of one delta against several, computing the first delta's spectra once per tensor.
+
+    `warn_unshared=False` silences the warning about tensors present in only one delta (expected when
+    a LoRA run covers a few modules of a full reference).
+    """
+    etas = check_fractions("eta", etas)
+    if not sources_w:
+        raise ValueError("no reference delta to compare with")
+    cache = cache or SpectrumCache(side=side)
+    if cache.side != side:
+        raise ValueError(f"cache holds {cache.side}-side spectra but side={side!r}")
+    names = shared_names(source_v, sources_w, modules, warn=warn_unshared)
+    members = {label: set(s.names()) for label, s in sources_w.items()}
+    tables: dict[str, list[dict]] = {label: [] for label in sources_w}
+    skipped = dict.fromkeys(sources_w, 0)
+    for name in tqdm(names, desc="MSO", unit="tensor", disable=not progress):
+        try:
+            spec_v = cache.get(source_v, name)
+            for label, source_w in sources_w.items():
+                if name in members[label]:
+                    rows, left_out = _mso_rows(name, spec_v, cache.get(source_w, name), etas)
+                    tables[label].extend(rows)
+                    skipped[label] += left_out
+        finally:
+            cache.release(name)
+    for label, count in skipped.items():
+        where = f" ({label})" if label else ""
+        if count and not tables[label]:
+            raise ValueError(
+                f"no η could be evaluated{where}: the basis artifact stores too few top singular vectors; "
+                "compare the delta itself, or a basis built with selection='top' and frac <= 0.5"
+            )
+        if count:
+            warnings.warn(
+                f"{count} tensor × η pairs{where} need more top vectors than the basis artifact stores "
+                "and were left out",
+                stacklevel=2,
+            )
+    return tables
+
+
+def mso_table(
+    source_v: Subspaces,
+    source_w: Subspaces,
+    etas: Sequence[float] = ETAS,
+    side: Side = "left",
+    modules: Sequence[str] | None = None,
+    cache: SpectrumCache | None = None,
+    progress: bool = False,
+) -> list[dict]:
+    """MSO of two deltas (or basis artifacts with spectra), one row per shared tensor × η.
+
+    Rows: name, layer (None outside decoder blocks), module (q, k, v, o, gate, up, down, …), eta,
+    k_v, k_w, d, mso, baseline (max(k_v, k_w)/d), ratio (mso/baseline), angle_deg (mean principal angle).
+
+    Raises:
+        ValueError: η outside (0, 1]; no shared tensor or a shared tensor with different shapes;
+            an unknown module type in `modules`; an all-zero delta (named).
+    """
+    return mso_tables(source_v, {"": source_w}, etas, side, modules, cache, progress)[""]
+
+
+AGGREGATE_BY = ("layer", "module", "model")
+
+
+def aggregate(rows: Sequence[dict], by: str = "model") -> list[dict]:
+    """Mean MSO, baseline and angle per (layer | module | whole model) and η; ratio is a ratio of means.
+
+    Rows outside decoder blocks (layer None) are left out of the per-layer view.
+    """
+    if by not in AGGREGATE_BY:
+        raise ValueError(f"by={by!r}: expected one of {AGGREGATE_BY}")
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        if by == "layer" and row["layer"] is None:
+            continue
+        groups[(row[by] if by != "model" else "model", row["eta"])].append(row)
+
+    def order(key):
+        group, eta = key
+        return (module_sort_key(group) if by == "module" else group, eta)
+
+    out = []
+    for key in sorted(groups, key=order):
+        members = groups[key]
+        n = len(members)
+        overlap = sum(r["mso"] for r in members) / n
+        baseline = sum(r["baseline"] for r in members) / n
+        entry = {by: key[0]} if by != "model" else {}
+        entry.update(
+            {
+                "eta": key[1],
+                "tensors": n,
+                "mso": overlap,
+                "baseline": baseline,
+                "ratio": overlap / baseline,
+                "angle_deg": sum(r["angle_deg"] for r in members) / n,
+            }
+        )
+        out.append(entry)
+    return out

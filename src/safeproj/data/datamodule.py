@@ -13,8 +13,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
+from safeproj.data.sampler import EpochShuffle
 from safeproj.data.sources import SourceSpec, load_pairs
-from safeproj.data.templates import IGNORE_INDEX, format_example
+from safeproj.data.templates import format_example, pad_batch
 
 
 def largest_remainder(weights: list[float], total: int) -> list[int]:
@@ -36,25 +37,6 @@ def largest_remainder(weights: list[float], total: int) -> list[int]:
     return shares
 
 
-def pad_batch(features: list[dict], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
-    """Pad to the longest sequence of the batch: `pad_id` in input ids, 0 in the attention mask,
-    -100 in labels (when present). Right padding for training, left padding for generation."""
-    if side not in ("right", "left"):
-        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
-    if not features:
-        raise ValueError("pad_batch got an empty batch")
-    width = max(len(f["input_ids"]) for f in features)
-    fills = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-    keys = [k for k in fills if k in features[0]]
-    out: dict[str, list[list[int]]] = {k: [] for k in keys}
-    for f in features:
-        gap = width - len(f["input_ids"])
-        for k in keys:
-            pad = [fills[k]] * gap
-            out[k].append(list(f[k]) + pad if side == "right" else pad + list(f[k]))
-    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
-
-
 def _source_seed(seed: int, index: int) -> int:
     """An independent stream per source position, stable across runs and platforms."""
     digest = hashlib.blake2b(f"safeproj.mixture:{seed}:{index}".encode(), digest_size=8).digest()
@@ -67,7 +49,9 @@ class InstructionDataModule(L.LightningDataModule):
     Each source contributes round(weight / sum(weights) * num_samples) examples (largest remainder,
     so the counts sum to `num_samples`), each source is split into train and validation in the same
     proportion, and the examples are shuffled together with `seed`. Labels are -100 on prompt tokens
-    and padding, so the loss covers responses only.
+    and padding, so the loss covers responses only. The training order depends on `seed` and the epoch
+    only, and checkpoints hold the data position (epoch, batches done), so a run resumed with `ckpt_path`
+    sees the batches an uninterrupted run sees (single process; under DDP a resume restarts the epoch).
 
     Args:
         sources: where examples come from and their weights (see `SourceSpec`).
@@ -124,6 +108,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.train_dataset: list[dict] = []
         self.val_dataset: list[dict] = []
         self.dropped: dict[str, int] = {}
+        self._resume: dict[str, int] | None = None  # the data position a checkpoint restored
 
     @staticmethod
     def _check_sources(sources) -> list[SourceSpec]:
@@ -246,7 +231,35 @@ class InstructionDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # Lightning swaps the shuffle for a DistributedSampler (seeded, one order per epoch); a resume
+            # restarts that epoch's order.
+            return self._loader(self.train_dataset, shuffle=True)
+        sampler = EpochShuffle(len(self.train_dataset), self.seed)
+        if self._resume is not None:
+            sampler.resume(self._resume["epoch"], self._resume["batches"] * self.batch_size)
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            # Only seeds worker processes; without it the loader would draw from the global RNG (dropout's).
+            generator=torch.Generator().manual_seed(self.seed),
+            num_workers=self.num_workers,
+            collate_fn=functools.partial(pad_batch, pad_id=self._pad_id, side="right"),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands in the data: the epoch and the batches of it already trained on."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": int(trainer.current_epoch), "batches": int(done)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Runs before the train loader is built (Lightning restores the datamodule first), which applies it.
+        if "epoch" in state_dict and "batches" in state_dict:
+            self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
 
     def val_dataloader(self) -> DataLoader | list:
         # No validation split: an empty list tells Lightning to skip validation.

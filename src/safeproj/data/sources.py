@@ -8,22 +8,28 @@
   `gsm8k`);
 - any other Hugging Face dataset name `org/name` (needs a network or a warm cache);
 - a local `.json` (a list of records, or JSON Lines), `.jsonl` or `.csv` file.
+
+Rows are read by `safeproj.data.records.load_records`; rows with an empty prompt or response are
+dropped there and reported.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
+from safeproj.data.records import (
+    PROMPT_FIELDS,
+    RESPONSE_FIELDS,
+    Records,
+    complete_rows,
+    filled,
+    load_records,
+    pick_field,
+)
 from safeproj.data.synthetic import BUILTIN, builtin_capacity
 
-LOCAL_SUFFIXES = (".json", ".jsonl", ".csv")
-PROMPT_FIELDS = ("prompt", "instruction", "question", "query", "goal")
-RESPONSE_FIELDS = ("response", "output", "answer", "target")
 BUILTIN_DEFAULT_SIZE = 1000  # examples generated for a built-in source when neither n nor limit is set
 
 # Aliases: the paper's datasets with their field names. `splits` maps the usual split names onto
@@ -44,7 +50,7 @@ ALIASES: dict[str, dict] = {
         "splits": {"train": "330k_train", "test": "330k_test"},
         "filter": {"is_safe": True},
     },
-    "gsm8k": {"path": "openai/gsm8k", "config_name": "main", "prompt_field": "question", "response_field": "answer"},
+    "gsm8k": {"path": "openai/gsm8k", "prompt_field": "question", "response_field": "answer"},
 }
 
 
@@ -114,84 +120,9 @@ def _same(cell, want) -> bool:
 def _row_matches(row: dict, conditions: dict) -> bool:
     for column, want in conditions.items():
         wanted = want if isinstance(want, (list, tuple, set)) else (want,)
-        if not any(_same(row[column], w) for w in wanted):
+        if not any(_same(row.get(column), w) for w in wanted):
             return False
     return True
-
-
-def _non_empty(value) -> bool:
-    return value is not None and str(value).strip() != ""
-
-
-def _resolve_field(given: str | None, defaults: tuple[str, ...], columns: list[str], role: str, where: str) -> str:
-    available = ", ".join(columns)
-    if given is not None:
-        if given not in columns:
-            raise ValueError(f"{role} field {given!r} not in {where}; available columns: {available}")
-        return given
-    for name in defaults:
-        if name in columns:
-            return name
-    raise ValueError(
-        f"no {role} field in {where} (looked for {'|'.join(defaults)}); available columns: {available}; "
-        f"set {role}_field"
-    )
-
-
-# --- loading --------------------------------------------------------------------------------------
-
-
-def _is_local(path: str) -> bool:
-    return path.lower().endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~")) or Path(path).exists()
-
-
-def _read_local(path: str) -> list[dict]:
-    file = Path(path).expanduser()
-    if file.is_dir():
-        raise ValueError(f"data path {path!r} is a directory; expected a {'/'.join(LOCAL_SUFFIXES)} file")
-    if not file.is_file():
-        raise ValueError(f"data file not found: {path!r}")
-    suffix = file.suffix.lower()
-    if suffix not in LOCAL_SUFFIXES:
-        raise ValueError(f"unsupported data file {path!r}: expected one of {', '.join(LOCAL_SUFFIXES)}")
-    if suffix == ".csv":
-        with file.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    text = file.read_text(encoding="utf-8")
-    if suffix == ".json":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError:
-            records = None  # may still be JSON Lines saved as .json
-        if records is not None:
-            if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-                raise ValueError(f"{path!r}: a .json data file must hold a list of objects")
-            return records
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path!r} line {lineno}: invalid JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path!r} line {lineno}: expected a JSON object")
-        records.append(record)
-    return records
-
-
-def _load_hub(path: str, config_name: str | None, split: str):
-    import datasets
-
-    try:
-        return datasets.load_dataset(path, config_name, split=split)
-    except (ConnectionError, TimeoutError, FileNotFoundError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot load dataset {path!r} (no network?): {first}") from None
-    except (OSError, ValueError) as err:  # unknown split or config, corrupt cache, ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot load dataset {path!r}: {first}") from None
 
 
 def _resolved(spec: SourceSpec) -> dict:
@@ -207,7 +138,13 @@ def _resolved(spec: SourceSpec) -> dict:
     }
 
 
-def _builtin_rows(spec: SourceSpec, want: int, seed: int, conditions: dict) -> list[dict]:
+def _check_columns(columns: list[str], conditions: dict, where: str) -> None:
+    for column in conditions:
+        if column not in columns:
+            raise ValueError(f"filter column {column!r} not in {where}; available columns: {', '.join(columns)}")
+
+
+def _builtin_records(spec: SourceSpec, want: int, seed: int, conditions: dict, where: str) -> Records:
     """The first `want` generated rows that pass `conditions` (fewer if the generator runs out).
 
     Generators are prefix-stable for a seed, so a larger draw keeps earlier rows in place.
@@ -216,23 +153,18 @@ def _builtin_rows(spec: SourceSpec, want: int, seed: int, conditions: dict) -> l
         raise ValueError(
             f"built-in sources choose their split by name (e.g. 'builtin:useful-test'), got split={spec.split!r}"
         )
-    generate = BUILTIN[spec.path]
+    _check_columns(list(BUILTIN[spec.path](1, seed)[0]), conditions, where)
     capacity = builtin_capacity(spec.path)
     # Unbounded generators stop growing the draw at a fixed multiple, so an unmatched filter ends.
     most = capacity if capacity is not None else 64 * want + 10_000
     draw = min(want, most)
     while True:
-        rows = generate(draw, seed)
-        kept = [r for r in rows if _row_matches(r, conditions)] if conditions else rows
-        if len(kept) >= want or draw >= most:
-            return kept[:want]
+        records = load_records(spec.path, n=draw, seed=seed)
+        if conditions:
+            records = records.keep(lambda row: _row_matches(row, conditions))
+        if len(records) >= want or draw >= most:
+            return records.select(range(min(want, len(records))))
         draw = min(2 * draw, most)
-
-
-def _check_columns(columns: list[str], conditions: dict, where: str) -> None:
-    for column in conditions:
-        if column not in columns:
-            raise ValueError(f"filter column {column!r} not in {where}; available columns: {', '.join(columns)}")
 
 
 def load_pairs(spec: SourceSpec, n: int | None = None, seed: int = 0) -> list[dict]:
@@ -255,52 +187,36 @@ def load_pairs(spec: SourceSpec, n: int | None = None, seed: int = 0) -> list[di
 
     builtin = spec.path in BUILTIN
     if builtin:
-        columns = list(BUILTIN[spec.path](1, seed)[0])
-        _check_columns(columns, conditions, where)
         want = n if n is not None else (spec.limit or BUILTIN_DEFAULT_SIZE)
-        table = _builtin_rows(spec, min(want, spec.limit or want), seed, conditions)
-    elif _is_local(spec.path):
-        table = _read_local(spec.path)
-        if not table:
+        records = _builtin_records(spec, min(want, spec.limit or want), seed, conditions, where)
+    else:
+        records = load_records(resolved["path"], split=resolved["split"], config_name=resolved["config_name"])
+        if len(records) == 0:
             raise ValueError(f"{where} is empty")
-        columns = list(dict.fromkeys(key for row in table for key in row))
-    else:
-        table = _load_hub(resolved["path"], resolved["config_name"], resolved["split"])
-        columns = list(table.column_names)
-    _check_columns(columns, conditions, where)
-    prompt_key = _resolve_field(resolved["prompt_field"], PROMPT_FIELDS, columns, "prompt", where)
-    response_key = _resolve_field(resolved["response_field"], RESPONSE_FIELDS, columns, "response", where)
+        _check_columns(records.columns, conditions, where)
+        if conditions:
+            records = records.keep(lambda row: _row_matches(row, conditions), columns=list(conditions))
+    if len(records) == 0:
+        raise ValueError(f"{where} is empty after filter {conditions}")
+    prompt_key = pick_field(records.columns, resolved["prompt_field"], PROMPT_FIELDS, "prompt", where)
+    response_key = pick_field(records.columns, resolved["response_field"], RESPONSE_FIELDS, "response", where)
     # Alpaca layout: an optional `input` column completes the instruction.
-    extra_key = "input" if prompt_key == "instruction" and "input" in columns else None
-
-    def keep(row: dict) -> bool:
-        usable = _non_empty(row.get(prompt_key)) and _non_empty(row.get(response_key))
-        return usable and (not conditions or _row_matches(row, conditions))
-
-    if isinstance(table, list):
-        table = [row for row in table if keep(row)]
-        if spec.limit is not None:
-            table = table[: spec.limit]
-    else:
-        table = table.filter(keep, desc=f"filtering {spec.path}")
-        if spec.limit is not None and len(table) > spec.limit:
-            table = table.select(range(spec.limit))
-    if len(table) == 0:
-        why = f"filter {conditions}" if conditions else "dropping rows with an empty prompt or response"
-        raise ValueError(f"{where} is empty after {why}")
-    if n is not None and n > len(table):
-        raise ValueError(f"{where} has {len(table)} usable rows but {n} were requested")
+    extra_key = "input" if prompt_key == "instruction" and "input" in records.columns else None
+    records = complete_rows(records, [prompt_key, response_key], limit=spec.limit)
+    if len(records) == 0:
+        raise ValueError(f"{where} is empty after dropping rows with an empty prompt or response")
+    if n is not None and n > len(records):
+        raise ValueError(f"{where} has {len(records)} usable rows but {n} were requested")
 
     if n is None or builtin:
-        order = list(range(len(table) if n is None else n))
+        order = range(len(records) if n is None else n)
     else:
-        order = random.Random(f"safeproj.source:{seed}").sample(range(len(table)), n)
-    rows = [table[i] for i in order] if isinstance(table, list) else table.select(order).to_list()
+        order = random.Random(f"safeproj.source:{seed}").sample(range(len(records)), n)
 
     def pair(row: dict) -> dict:
         prompt = str(row[prompt_key])
-        if extra_key and _non_empty(row.get(extra_key)):
+        if extra_key and filled(row.get(extra_key)):
             prompt = f"{prompt}\n\n{row[extra_key]}"
         return {"prompt": prompt, "response": str(row[response_key])}
 
-    return [pair(row) for row in rows]
+    return [pair(row) for row in records.select(order).rows()]

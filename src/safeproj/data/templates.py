@@ -1,14 +1,19 @@
-"""Prompt formatting shared by training, evaluation and activation recording.
+"""Prompt formatting and tokenisation: the one path for training, evaluation and activation recording.
 
-Training examples and generation prompts go through the same chat template, so a model is evaluated
-on exactly the format it was tuned on. Tokenizers without a chat template use the Alpaca-style
-`CHAT_TEMPLATE` below.
+Training examples, generation prompts and recorded prompts go through the same chat template and the
+same tokenisation (`encode_text`: the template writes every special token the model expects, the
+tokenizer adds none), so a model is evaluated and recorded on exactly the tokens it was tuned on.
+Tokenizers without a chat template use the Alpaca-style `CHAT_TEMPLATE` below.
 
 Loss is on the response only: every prompt token (system text, user turn, the assistant marker of
 the generation prompt) is labelled -100; the response and its end-of-turn token are learned.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
 
 # Alpaca-style template for tokenizers without a chat template; kept in one place so data and
 # evaluation format prompts identically.
@@ -30,6 +35,17 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
     return tokenizer.apply_chat_template(
         messages, chat_template=template, add_generation_prompt=add_generation_prompt, tokenize=False
     )
+
+
+def _tokenize(tokenizer, text: str, offsets: bool = False):
+    # No special tokens added: the chat template already wrote the ones the model expects (BOS
+    # included, where the template has one), as `apply_chat_template` assumes.
+    return tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of already formatted text, exactly as training tokenizes it."""
+    return list(_tokenize(tokenizer, text)["input_ids"])
 
 
 def _training_text(tokenizer, prompt: str, response: str) -> tuple[str, int, bool]:
@@ -59,9 +75,9 @@ def _training_text(tokenizer, prompt: str, response: str) -> tuple[str, int, boo
 def _encode_split(tokenizer, text: str, boundary: int) -> tuple[list[int], int]:
     """Token ids of `text` and how many of them belong to `text[:boundary]` (the prompt)."""
     fast = bool(getattr(tokenizer, "is_fast", False))
-    full = tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast)
+    full = _tokenize(tokenizer, text, offsets=fast)
     ids = list(full["input_ids"])
-    prefix_ids = list(tokenizer(text[:boundary], add_special_tokens=False)["input_ids"])
+    prefix_ids = encode_text(tokenizer, text[:boundary])
     if ids[: len(prefix_ids)] == prefix_ids:
         return ids, len(prefix_ids)
     if fast:
@@ -70,7 +86,7 @@ def _encode_split(tokenizer, text: str, boundary: int) -> tuple[list[int], int]:
         starts = [s for s, _ in full["offset_mapping"]]
         return ids, next((i for i, s in enumerate(starts) if s >= boundary), len(ids))
     # Slow tokenizers give no offsets: encode the two halves separately.
-    rest = list(tokenizer(text[boundary:], add_special_tokens=False)["input_ids"])
+    rest = encode_text(tokenizer, text[boundary:])
     return prefix_ids + rest, len(prefix_ids)
 
 
@@ -101,17 +117,59 @@ def format_example(tokenizer, prompt: str, response: str, max_length: int) -> di
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def format_prompt(tokenizer, prompt: str) -> str:
+def format_prompt(tokenizer, prompt: str, history: Sequence[tuple[str, str]] = ()) -> str:
     """The text a model sees before it starts answering `prompt` (generation prompt included).
 
-    Tokenize it with `add_special_tokens=False` (or use `encode_prompt`), as training does: the
-    template already writes the special tokens it wants (as `apply_chat_template` assumes).
+    `history` holds earlier (user, assistant) turns, e.g. few-shot exemplars. Tokenize the result
+    with `encode_text` (or use `encode_prompt`).
     """
     _check_text("prompt", prompt)
-    return _render(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+    messages = []
+    for user, assistant in history:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return _render(tokenizer, [*messages, {"role": "user", "content": prompt}], add_generation_prompt=True)
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """Token ids of `format_prompt(tokenizer, prompt)`, exactly as training tokenizes the prompt."""
+    return encode_text(tokenizer, format_prompt(tokenizer, prompt))
+
+
+def encode_prompt_marked(tokenizer, prompt: str) -> tuple[list[int], int]:
+    """(`encode_prompt` ids, index of the first token of the assistant marker), where the marker is
+    the text the chat template appends as its generation prompt; a token straddling it counts."""
+    user = [{"role": "user", "content": prompt}]
     text = format_prompt(tokenizer, prompt)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bare = _render(tokenizer, user, add_generation_prompt=False)
+    if not text.startswith(bare) or len(text) == len(bare):
+        raise ValueError("the assistant marker needs a chat template that appends a generation prompt")
+    boundary = len(bare)
+    fast = bool(getattr(tokenizer, "is_fast", False))
+    encoded = _tokenize(tokenizer, text, offsets=fast)
+    ids = list(encoded["input_ids"])
+    if fast:
+        start = next((i for i, (_, end) in enumerate(encoded["offset_mapping"]) if end > boundary), len(ids))
+    else:
+        start = len(encode_text(tokenizer, text[:boundary]))
+    if start >= len(ids):
+        raise ValueError("the chat template's generation prompt encodes to no tokens")
+    return ids, start
+
+
+def pad_batch(features: list[dict], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence of the batch: `pad_id` in input ids, 0 in the attention mask,
+    -100 in labels (when present). Right padding for training, left padding for generation."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    if not features:
+        raise ValueError("pad_batch got an empty batch")
+    width = max(len(f["input_ids"]) for f in features)
+    fills = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    keys = [k for k in fills if k in features[0]]
+    out: dict[str, list[list[int]]] = {k: [] for k in keys}
+    for f in features:
+        gap = width - len(f["input_ids"])
+        for k in keys:
+            pad = [fills[k]] * gap
+            out[k].append(list(f[k]) + pad if side == "right" else pad + list(f[k]))
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}

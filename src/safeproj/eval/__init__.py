@@ -2,7 +2,8 @@
 
 Modules: `generation` (greedy batched generation), `gsm8k` (extraction, accuracy), `harm`
 (harmful prompts, harm metric), `judges` (Judge protocol, OpenAIJudge, RefusalJudge, JudgeCache),
-`stats` (bootstrap CIs), `command` (`safeproj eval`).
+`likelihood` (teacher-forced log-likelihood of continuations), `metrics` (answer NLL, comply margin),
+`stats` (bootstrap CIs, nested bootstrap effect sizes), `command` (`safeproj eval`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ _EXPORTS = {
     "GSM8kAccuracy": "gsm8k",
     "evaluate_harm": "harm",
     "HarmMetric": "harm",
+    "continuation_logprobs": "likelihood",
+    "AnswerNLL": "metrics",
+    "ComplyMargin": "metrics",
+    "evaluate_answer_nll": "metrics",
+    "evaluate_comply_margin": "metrics",
     "Judge": "judges",
     "Judgment": "judges",
     "JudgeCache": "judges",
@@ -22,6 +28,9 @@ _EXPORTS = {
     "OpenAIJudge": "judges",
     "RefusalJudge": "judges",
     "bootstrap_ci": "stats",
+    "nested_bootstrap": "stats",
+    "paired_effect": "stats",
+    "retention_effect": "stats",
     "eval_command": "command",
 }
 __all__ = sorted(_EXPORTS)

@@ -1,32 +1,48 @@
-"""GSM8k utility: data, n-shot chat prompts, lm-eval-harness answer extraction and accuracy.
+"""GSM8k utility: data, n-shot prompts, lm-eval-harness answer extraction and accuracy.
 
-Extraction follows lm-evaluation-harness's `gsm8k` task:
+Extraction follows lm-evaluation-harness's `gsm8k` task (lm_eval/tasks/gsm8k/gsm8k.yaml):
 - strict: the first number after "#### " (regex `#### (\\-?[0-9\\.\\,]+)`);
 - flexible: the last match of `(-?[$0-9.,]{2,})|(-?[0-9]+)` anywhere in the output.
-Both sides are normalised (commas, "$" and one trailing "." removed) and compared as numbers, so
-"1,000" equals "1000" and "3.0" equals "3".
+
+Two protocols:
+- `chat` (the default, for chat models and the built-in CPU data): the chat template, exemplars as earlier
+  turns, and numeric comparison: both sides normalised (commas, "$" and one trailing "." removed) and
+  compared as numbers, so "1,000" equals "1000" and "3.0" equals "3".
+- `lm-eval`: lm-eval's `gsm8k` task as it is: plain "Question: ...\nAnswer:" text, no chat template,
+  n-shot exemplars drawn as lm-eval draws them (one `random.Random(1234).sample` of the train split per
+  test item, in order) and joined by blank lines, generation cut at "Question:", "</s>" and "<|im_end|>",
+  and comparison as strings after lm-eval's exact_match normalisation (`normalize_lm_eval`): "#### 5.00"
+  against gold 5 is wrong, "The answer is 5." is right under flexible extraction.
+Either protocol takes `comparison` ("numeric" or "string") to override its own.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import random
 import re
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 
 import torch
 from torchmetrics import Metric
 
+from safeproj.data.records import complete_rows, is_local, load_records
+from safeproj.data.synthetic import BUILTIN_PREFIX, builtin_split
+from safeproj.data.templates import format_prompt
 from safeproj.eval.generation import generate
 
 STRICT_PATTERN = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE_PATTERN = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 HF_GSM8K = "openai/gsm8k"
-BUILTIN_PREFIX = "builtin:"
-BUILTIN_SPLITS = ("train", "test")
+FIELDS = ("question", "answer")  # GSM8k's own; the built-in set calls the question "prompt"
+PROTOCOLS = ("chat", "lm-eval")
+COMPARISONS = ("numeric", "string")
+# lm-eval gsm8k.yaml: metric exact_match with these regexes_to_ignore (applied in order to both sides),
+# ignore_case true, ignore_punctuation false; generation_kwargs.until; the default fewshot_random_seed.
+LM_EVAL_REGEXES_TO_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")
+LM_EVAL_STOP = ("Question:", "</s>", "<|im_end|>")
+LM_EVAL_FEWSHOT_SEED = 1234
+BUILTIN_FEWSHOT_POOL = 256  # generated training problems exemplars are drawn from under `lm-eval`
 
 
 # ---------------------------------------------------------------- extraction and comparison
@@ -64,6 +80,19 @@ def numbers_equal(predicted: str | None, gold: str) -> bool:
         return a != "" and a.lower() == b.lower()
 
 
+def normalize_lm_eval(text: str) -> str:
+    """lm-eval's exact_match normalisation for gsm8k: drop ",", "$", everything up to the last "#### " and one
+    trailing ".", then lower-case."""
+    for pattern in LM_EVAL_REGEXES_TO_IGNORE:
+        text = re.sub(pattern, "", text)
+    return text.lower()
+
+
+def strings_equal(predicted: str | None, reference: str) -> bool:
+    """lm-eval's comparison: equal strings after `normalize_lm_eval` (no answer found is always wrong)."""
+    return predicted is not None and normalize_lm_eval(predicted) == normalize_lm_eval(reference)
+
+
 def gold_answer(solution: str) -> str:
     """The gold number of a GSM8k worked solution ("... #### 72" -> "72"); plain numbers pass through."""
     if "####" in solution:
@@ -71,14 +100,18 @@ def gold_answer(solution: str) -> str:
     return normalize_number(solution)
 
 
-def score_output(output: str, gold: str) -> dict:
-    """Both extractions of one model output and whether each matches the gold number."""
+def score_output(output: str, gold: str, comparison: str = "numeric") -> dict:
+    """Both extractions of one model output and whether each matches the gold: a number compared as a number
+    (`numeric`), or the reference answer compared as lm-eval compares strings (`string`)."""
+    if comparison not in COMPARISONS:
+        raise ValueError(f"comparison must be one of {', '.join(COMPARISONS)}, got {comparison!r}")
+    equal = numbers_equal if comparison == "numeric" else strings_equal
     strict, flexible = extract_strict(output), extract_flexible(output)
     return {
         "strict": strict,
         "flexible": flexible,
-        "strict_correct": numbers_equal(strict, gold),
-        "flexible_correct": numbers_equal(flexible, gold),
+        "strict_correct": equal(strict, gold),
+        "flexible_correct": equal(flexible, gold),
     }
 
 
@@ -89,8 +122,11 @@ class GSM8kAccuracy(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, **kwargs):
+    def __init__(self, comparison: str = "numeric", **kwargs):
         super().__init__(**kwargs)
+        if comparison not in COMPARISONS:
+            raise ValueError(f"comparison must be one of {', '.join(COMPARISONS)}, got {comparison!r}")
+        self.comparison = comparison
         self.add_state("strict_correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("flexible_correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
@@ -99,7 +135,7 @@ class GSM8kAccuracy(Metric):
         if len(outputs) != len(golds):
             raise ValueError(f"outputs and golds differ in length: {len(outputs)} vs {len(golds)}")
         for output, gold in zip(outputs, golds):
-            scored = score_output(output, gold)
+            scored = score_output(output, gold, self.comparison)
             self.strict_correct += int(scored["strict_correct"])
             self.flexible_correct += int(scored["flexible_correct"])
         self.total += len(outputs)
@@ -116,91 +152,72 @@ class GSM8kAccuracy(Metric):
 # ---------------------------------------------------------------- data
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """Rows of a local .jsonl, .json (a list of objects) or .csv file."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of objects")
-        return rows
-    if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
-    raise ValueError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .csv)")
-
-
-def builtin_split(source: str, kind: str) -> str:
-    """The split named by "builtin:<kind>-<split>", checked."""
-    name = source[len(BUILTIN_PREFIX) :]
-    allowed = [f"{BUILTIN_PREFIX}{kind}-{s}" for s in BUILTIN_SPLITS]
-    if not name.startswith(f"{kind}-") or name[len(kind) + 1 :] not in BUILTIN_SPLITS:
-        raise ValueError(f"unknown built-in set {source!r}; expected one of {', '.join(allowed)}")
-    return name[len(kind) + 1 :]
-
-
-def _builtin_problems(split: str, n: int, seed: int) -> list[dict]:
-    from safeproj.data import synthetic
-
-    problems = []
-    for row in synthetic.arithmetic(n, seed=seed, split=split):
-        solution = row.get("response") or row["answer"]
-        problems.append({"question": row["prompt"], "solution": solution, "gold": gold_answer(row["answer"])})
-    return problems
-
-
-def _hf_rows(name: str, split: str) -> list[dict]:
-    from datasets import load_dataset
-
-    config = "main" if name == HF_GSM8K else None
-    try:
-        return list(load_dataset(name, config, split=split))
-    except Exception as err:  # datasets raises many types; one line naming the set is what helps
-        raise ValueError(f"cannot load Hugging Face dataset {name!r} split {split!r}: {err}") from None
-
-
 def load_gsm8k(source: str = HF_GSM8K, split: str = "test", limit: int | None = None, seed: int = 0) -> list[dict]:
-    """Math problems as dicts with "question", "solution" (worked answer) and "gold" (a number).
+    """Math problems as dicts with "question", "solution" (worked answer), "gold" (a number) and "reference"
+    (the answer field as written, which lm-eval compares against).
 
     `source` is "builtin:useful-test" / "builtin:useful-train" (generated offline, `seed` picks
     the problems), a local .jsonl/.json/.csv with GSM8k's `question` and `answer` fields, or a
-    Hugging Face dataset name (`openai/gsm8k` uses config "main"). `limit` keeps the first rows.
+    Hugging Face dataset name (`openai/gsm8k` uses config "main"). `limit` keeps the first rows;
+    rows with an empty question or answer are dropped and reported.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
-    if source.startswith(BUILTIN_PREFIX):
+    builtin = source.startswith(BUILTIN_PREFIX)
+    if builtin:
         if limit is None:
             raise ValueError(f"built-in set {source!r} is generated: give a number of samples")
-        return _builtin_problems(builtin_split(source, "useful"), limit, seed)
-    if Path(source).exists():
-        rows = read_records(source)
-    elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        rows = _hf_rows(source, split)
-    else:
-        raise ValueError(f"GSM8k source {source!r} is not a built-in set, an existing file or a hub name 'org/name'")
-    rows = rows[:limit] if limit else rows
-    for i, row in enumerate(rows):
-        missing = [k for k in ("question", "answer") if k not in row]
-        if missing:
-            raise ValueError(f"{source}: row {i} lacks field(s) {missing}; GSM8k rows need 'question' and 'answer'")
-    return [{"question": r["question"], "solution": r["answer"], "gold": gold_answer(str(r["answer"]))} for r in rows]
+        builtin_split(source, "useful")
+    records = load_records(source, split=split, n=limit, seed=seed)
+    question, answer = ("prompt", "answer") if builtin else FIELDS
+    missing = [f for f in (question, answer) if f not in records.columns]
+    if missing and len(records):
+        raise ValueError(
+            f"{source}: no field(s) {missing}; GSM8k rows need 'question' and 'answer', "
+            f"the columns are {', '.join(records.columns)}"
+        )
+    records = complete_rows(records, [question, answer], limit=limit)
+    # The built-in set keeps its worked solution in "response" and the "#### N" line in "answer".
+    solution = "response" if builtin else answer
+    return [
+        {
+            "question": r[question],
+            "solution": r.get(solution) or r[answer],
+            "gold": _gold(records, i, str(r[answer])),
+            "reference": str(r[answer]),
+        }
+        for i, r in enumerate(records.rows())
+    ]
+
+
+def _gold(records, i: int, answer: str) -> str:
+    """The gold number of row i; a ValueError naming file and line when it has none (it could never be scored)."""
+    gold = gold_answer(answer)
+    try:
+        Decimal(gold)
+    except InvalidOperation:
+        raise ValueError(
+            f"{records.where(i)}: no gold number in answer {answer[-40:]!r}: end it with '#### <number>'"
+        ) from None
+    return gold
+
+
+def _fewshot_source(source: str, n_shot: int, fewshot_source: str | None) -> str:
+    """Where exemplars come from: `fewshot_source`, else the train split of `source`."""
+    if fewshot_source is not None:
+        return fewshot_source
+    if source.startswith(BUILTIN_PREFIX):
+        return f"{BUILTIN_PREFIX}useful-train"
+    if not is_local(source):
+        return source  # a hub name: its train split
+    raise ValueError(f"n_shot={n_shot} with local file {source!r}: give fewshot_source (a train set)")
 
 
 def fewshot_exemplars(source: str, n_shot: int, seed: int = 0, fewshot_source: str | None = None) -> list[dict]:
     """`n_shot` fixed exemplars for `source`: its train split unless `fewshot_source` names one."""
     if n_shot == 0:
         return []
-    if fewshot_source is None:
-        if source.startswith(BUILTIN_PREFIX):
-            fewshot_source = f"{BUILTIN_PREFIX}useful-train"
-        elif not Path(source).exists():
-            fewshot_source = source  # a hub name: its train split
-        else:
-            raise ValueError(f"n_shot={n_shot} with local file {source!r}: give fewshot_source (a train set)")
+    fewshot_source = _fewshot_source(source, n_shot, fewshot_source)
     if fewshot_source.startswith(BUILTIN_PREFIX):
         return load_gsm8k(fewshot_source, limit=n_shot, seed=seed + 1)
     pool = load_gsm8k(fewshot_source, split="train")
@@ -211,23 +228,28 @@ def fewshot_exemplars(source: str, n_shot: int, seed: int = 0, fewshot_source: s
 
 def build_prompts(tokenizer, questions: Sequence[str], exemplars: Sequence[dict] = ()) -> list[str]:
     """Chat prompts ending in the assistant turn; exemplars become earlier user/assistant turns."""
-    if not exemplars:
-        from safeproj.data.templates import format_prompt
+    history = [(ex["question"], ex["solution"]) for ex in exemplars]
+    return [format_prompt(tokenizer, q, history) for q in questions]
 
-        return [format_prompt(tokenizer, q) for q in questions]
-    from safeproj.data.templates import CHAT_TEMPLATE
 
-    # Same template choice as format_prompt, so 0-shot and n-shot prompts differ only in the turns.
-    template = None if getattr(tokenizer, "chat_template", None) else CHAT_TEMPLATE
-    turns = []
-    for ex in exemplars:
-        turns += [{"role": "user", "content": ex["question"]}, {"role": "assistant", "content": ex["solution"]}]
-    return [
-        tokenizer.apply_chat_template(
-            turns + [{"role": "user", "content": q}], chat_template=template, tokenize=False, add_generation_prompt=True
-        )
-        for q in questions
-    ]
+def lm_eval_exemplars(
+    pool: Sequence[dict], n_items: int, n_shot: int, seed: int = LM_EVAL_FEWSHOT_SEED
+) -> list[list[dict]]:
+    """Exemplars of each of `n_items` test items as lm-eval's default ContextSampler draws them: one generator
+    seeded once, `sample(pool, n_shot)` per item, in item order (so items get different exemplars)."""
+    if n_shot == 0:
+        return [[] for _ in range(n_items)]
+    if len(pool) < n_shot:
+        raise ValueError(f"the few-shot pool has {len(pool)} rows, fewer than n_shot={n_shot}")
+    rng = random.Random(seed)
+    return [[pool[i] for i in rng.sample(range(len(pool)), n_shot)] for _ in range(n_items)]
+
+
+def lm_eval_prompt(question: str, exemplars: Sequence[dict] = ()) -> str:
+    """lm-eval's gsm8k context: each exemplar as "Question: q\nAnswer: a" and a blank line, then the item's
+    "Question: q\nAnswer:" (doc_to_text, target_delimiter " ", fewshot_delimiter "\n\n"; no chat template)."""
+    shots = "".join(f"Question: {ex['question']}\nAnswer: {ex['solution']}\n\n" for ex in exemplars)
+    return f"{shots}Question: {question}\nAnswer:"
 
 
 # ---------------------------------------------------------------- evaluation
@@ -247,26 +269,53 @@ def evaluate_gsm8k(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
+    protocol: str = "chat",
+    comparison: str | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """Greedy GSM8k accuracy: (metrics, this rank's per-sample rows).
 
-    With world_size > 1 each rank takes every world_size-th problem and the metric's summed
-    states are synced, so every rank returns the global metrics; rows stay local.
+    `protocol` is "chat" or "lm-eval" (see the module docstring); `comparison` ("numeric" or "string")
+    overrides the protocol's own (numeric for chat, string for lm-eval). With world_size > 1 each rank takes
+    every world_size-th problem and the metric's summed states are synced, so every rank returns the global
+    metrics; rows stay local.
     """
     if n_shot < 0:
         raise ValueError(f"n_shot must be >= 0, got {n_shot}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    comparison = comparison or ("string" if protocol == "lm-eval" else "numeric")
     problems = load_gsm8k(dataset, split="test", limit=num_samples, seed=seed)
-    exemplars = fewshot_exemplars(dataset, n_shot, seed=seed, fewshot_source=fewshot_source)
-    mine = problems[rank::world_size]
-    prompts = build_prompts(tokenizer, [p["question"] for p in mine], exemplars)
+    if protocol == "lm-eval":
+        # Exemplars are drawn for every item before the items are shared out, so ranks agree with one process.
+        pool = _fewshot_pool(dataset, n_shot, seed, fewshot_source)
+        shots = lm_eval_exemplars(pool, len(problems), n_shot)[rank::world_size]
+        mine = problems[rank::world_size]
+        prompts = [lm_eval_prompt(p["question"], ex) for p, ex in zip(mine, shots)]
+        stop = [*LM_EVAL_STOP, *(s for s in stop or () if s not in LM_EVAL_STOP)]
+    else:
+        exemplars = fewshot_exemplars(dataset, n_shot, seed=seed, fewshot_source=fewshot_source)
+        mine = problems[rank::world_size]
+        prompts = build_prompts(tokenizer, [p["question"] for p in mine], exemplars)
     outputs = generate(
         model, tokenizer, prompts, max_new_tokens, batch_size, stop=stop, desc="gsm8k", progress=progress
     )
-    metric = GSM8kAccuracy(sync_on_compute=world_size > 1)
-    metric.update(outputs, [p["gold"] for p in mine])
+    golds = [p["reference"] if comparison == "string" else p["gold"] for p in mine]
+    metric = GSM8kAccuracy(comparison=comparison, sync_on_compute=world_size > 1)
+    metric.update(outputs, golds)
     metrics = {k: float(v) for k, v in metric.compute().items()}
     rows = [
-        {"question": p["question"], "output": out, "gold": p["gold"], **score_output(out, p["gold"])}
-        for p, out in zip(mine, outputs)
+        {"question": p["question"], "output": out, "gold": p["gold"], **score_output(out, gold, comparison)}
+        for p, out, gold in zip(mine, outputs, golds)
     ]
     return metrics, rows
+
+
+def _fewshot_pool(source: str, n_shot: int, seed: int, fewshot_source: str | None) -> list[dict]:
+    """The rows lm-eval mode draws exemplars from, in order: the train split (all of it), or for the built-in
+    set BUILTIN_FEWSHOT_POOL generated training problems."""
+    if n_shot == 0:
+        return []
+    fewshot_source = _fewshot_source(source, n_shot, fewshot_source)
+    if fewshot_source.startswith(BUILTIN_PREFIX):
+        return load_gsm8k(fewshot_source, limit=max(BUILTIN_FEWSHOT_POOL, n_shot), seed=seed + 1)
+    return load_gsm8k(fewshot_source, split="train")

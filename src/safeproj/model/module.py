@@ -38,6 +38,14 @@ class LoraSettings:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
 
+def check_settings(lr: float, warmup_ratio: float) -> None:
+    """ValueError naming the setting unless lr > 0 and warmup_ratio is in [0, 1) (the CLI checks before loading)."""
+    if lr <= 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+
+
 class SafeprojLM(L.LightningModule):
     """Fine-tunes a causal LM on batches of `input_ids`, `attention_mask`, `labels`.
 
@@ -68,10 +76,7 @@ class SafeprojLM(L.LightningModule):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        check_settings(lr, warmup_ratio)
         # Explicit values: frame inspection would mix in the arguments of an enclosing SafeprojLM
         # (a preset safety-tuned on first use is built inside another module's __init__).
         self.save_hyperparameters(
@@ -108,6 +113,8 @@ class SafeprojLM(L.LightningModule):
         # from_pretrained returns eval mode, and Lightning keeps submodules' modes: dropout would stay off.
         self.model.train()
         self.checkpoint_path: str | None = None
+        # The recipe's name for the run's safeproj.json; the command line sets it, plain Python leaves None.
+        self.recipe: str | None = None
 
     @property
     def is_lora(self) -> bool:
@@ -160,6 +167,7 @@ class SafeprojLM(L.LightningModule):
             "model": self.model_name,
             "base": self.base_dir,
             "lora": self.is_lora,
+            "recipe": self.recipe,
             "global_step": int(self.trainer.global_step),
         }
         if self.trainer.is_global_zero:
@@ -209,11 +217,18 @@ def save_hf_checkpoint(
 
 @rank_zero_only
 def _record_checkpoint(trainer, path: str) -> None:
-    from lightning.pytorch.loggers import WandbLogger
+    """The checkpoint's absolute path in every logger; in W&B also a model artifact by reference with its hash."""
+    from safeproj.runs import content_sha256
+    from safeproj.wandb import log_reference, update_config, update_summary, wandb_loggers
 
+    path = str(Path(path).resolve())
+    wandb = wandb_loggers(trainer.loggers)
+    if wandb:
+        digest = content_sha256(path)
+        update_config(wandb, {"checkpoint_dir": path})
+        update_summary(wandb, {"checkpoint_dir": path, "checkpoint_sha256": digest})
+        name = f"checkpoint-{wandb[0].experiment.id}"
+        log_reference(wandb, name, "model", path, {"sha256": digest, "global_step": int(trainer.global_step)})
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.experiment.config.update({"checkpoint_dir": path}, allow_val_change=True)
-            logger.experiment.summary["checkpoint_dir"] = path
-        else:
+        if logger not in wandb:
             logger.log_hyperparams({"checkpoint_dir": path})

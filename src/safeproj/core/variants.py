@@ -1,0 +1,134 @@
+"""Post hoc projection: put W₀ + P·Δ_T into a trained model for each grid subspace, score it, restore.
+
+Memory: one copy of the trained weights (on their device, in their dtype), which brings them back bit
+for bit; W₀ comes tensor by tensor from the run's RunDelta (read from disk when the run's start is
+there), and the subspaces tensor by tensor from a SubspaceGrid (from disk when it has a folder). So
+beyond the trained copy, a few tensors of the largest shape are in use at any moment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from safeproj.core.deltas import RunDelta
+from safeproj.core.energy import SubspaceGrid, Variant, pool
+from safeproj.core.factors import BasisEntry
+from safeproj.core.options import KEEPS, check_choice
+from safeproj.core.projector import project, project_left, project_right
+from safeproj.core.spectrum import squared_norm
+from safeproj.io import write_rows
+
+
+class WeightVariants:
+    """Swaps W₀ + P·Δ_T into the model tensor by tensor and restores the trained weights afterwards.
+
+    LoRA pairs are projected on their factors (P·B on the left, A·P on the right), which is W₀ + P·Δ_T
+    for adapters that start at B₀ = 0.
+    """
+
+    def __init__(self, run: RunDelta, keep: str):
+        check_choice("keep", keep, KEEPS)
+        self.run, self.keep = run, keep
+        self.targets = list(run.targets.values())
+        self.trained = {
+            t.name: (t.lora_b.detach().clone(), t.lora_a.detach().clone()) if t.is_lora else t.weight.detach().clone()
+            for t in self.targets
+        }
+
+    @torch.no_grad()
+    def apply(self, entry_of: Callable[[str], BasisEntry] | None) -> float:
+        """Set every target to its projected variant (None = the trained weights); pooled share of energy kept."""
+        rows = []
+        for t in self.targets:
+            if t.is_lora:
+                b, a = self.trained[t.name]
+                delta, start = t.scaling * (b.float() @ a.float()), None
+            else:
+                start = self.run.start(t.name).to(t.weight.device).float()
+                delta = self.trained[t.name].float() - start
+            total = squared_norm(delta)
+            if entry_of is None:
+                self._restore(t)
+                rows.append({"kept": total, "total": total})
+                continue
+            entry = entry_of(t.name)
+            if t.is_lora:
+                if self.keep == "orthogonal" and entry.left is not None and entry.right is not None:
+                    raise ValueError("keep='orthogonal' with side='both' cannot be applied to LoRA factors")
+                t.lora_b.copy_(project_left(b, entry.left, self.keep) if entry.left is not None else b)
+                t.lora_a.copy_(project_right(a, entry.right, self.keep) if entry.right is not None else a)
+                kept = squared_norm(t.delta_weight())
+            else:
+                projected = project(delta, entry, self.keep)
+                kept = squared_norm(projected)
+                t.weight.copy_(start + projected)
+            rows.append({"kept": kept, "total": total})
+        return pool(rows)["share"]
+
+    def restore(self) -> None:
+        for t in self.targets:
+            self._restore(t)
+
+    @torch.no_grad()
+    def _restore(self, t) -> None:
+        if t.is_lora:
+            b, a = self.trained[t.name]
+            t.lora_b.copy_(b)
+            t.lora_a.copy_(a)
+        else:
+            t.weight.copy_(self.trained[t.name])
+
+
+def run_variants(
+    module,
+    run: RunDelta,
+    grid: SubspaceGrid,
+    variants: Sequence[Variant],
+    keep: str,
+    evaluators: Sequence[object],
+    include_full: bool = True,
+) -> Iterator[dict]:
+    """Yields one row per variant: its settings, the pooled energy share kept, and every evaluator's metrics.
+
+    An evaluator has `evaluate(module) -> dict`; its metrics are prefixed with its `prefix` ("utility/...").
+    The trained weights are back in place when the generator ends, also after an error.
+    """
+    swap = WeightVariants(run, keep)
+
+    def entry_of(variant: Variant) -> Callable[[str], BasisEntry]:
+        def entry(name: str) -> BasisEntry:
+            kept = grid.entry(name, variant)
+            if grid.on_disk:
+                grid.release(name)
+            return kept
+
+        return entry
+
+    plan: list[Variant | None] = ([None] if include_full else []) + list(variants)
+    try:
+        for variant in tqdm(plan, desc="post hoc variants"):
+            share = swap.apply(None if variant is None else entry_of(variant))
+            row = {
+                "variant": "full" if variant is None else variant.name,
+                "selection": "full" if variant is None else variant.selection,
+                "frac": 1.0 if variant is None else variant.frac,
+                "keep": "none" if variant is None else keep,
+                "energy_kept": share,
+            }
+            for evaluator in evaluators:
+                prefix = (getattr(evaluator, "prefix", "") or type(evaluator).__name__).rstrip("/")
+                row.update({f"{prefix}/{k}": v for k, v in evaluator.evaluate(module).items()})
+            yield row
+    finally:
+        swap.restore()
+
+
+def write_variant_rows(rows: Sequence[dict], out_dir: str | os.PathLike) -> Path:
+    """posthoc.csv and posthoc.json in `out_dir`, each written atomically; returns the CSV path."""
+    write_rows(rows, Path(out_dir) / "posthoc.json")
+    return write_rows(rows, Path(out_dir) / "posthoc.csv")

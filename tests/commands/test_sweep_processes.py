@@ -1,0 +1,105 @@
+"""Sweep runs die with the sweep, leave nothing behind, and never run one cell twice at once (Linux)."""
+
+import contextlib
+import fcntl
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from safeproj.commands.sweep import runner
+from safeproj.io import write_json
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux only")
+
+# A run that starts a grandchild, writes both process ids to the log, then sleeps.
+RUN = (
+    "import subprocess, sys, time; "
+    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+    "print('pids', __import__('os').getpid(), child.pid, flush=True); time.sleep(60)"
+)
+
+
+def _sweep(log: Path) -> multiprocessing.Process:
+    """A sweep process (forked: no second start-up) that launches RUN and waits for it."""
+    process = multiprocessing.get_context("fork").Process(target=runner.launch, args=([sys.executable, "-c", RUN], log, {}))
+    process.start()
+    return process
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie is dead, only not yet reaped
+
+
+def _pids(log: Path, deadline: float = 30.0) -> tuple[int, int]:
+    end = time.time() + deadline
+    while time.time() < end:
+        for line in log.read_text().splitlines() if log.exists() else []:
+            if line.startswith("pids "):
+                run, grandchild = line.split()[1:]
+                return int(run), int(grandchild)
+        time.sleep(0.05)
+    raise AssertionError(f"the run never started: {log.read_text() if log.exists() else ''}")
+
+
+def _gone(*pids: int, within: float = 5.0) -> bool:
+    end = time.time() + within
+    while time.time() < end:
+        if not any(_alive(pid) for pid in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_killed_sweep_takes_its_run_along(tmp_path):
+    log = tmp_path / "run.log"
+    sweep = _sweep(log)
+    run, grandchild = _pids(log)
+    try:
+        sweep.kill()  # SIGKILL: the sweep cleans up nothing
+        sweep.join()
+        assert _gone(run), "the run outlived the sweep"
+    finally:
+        for pid in (run, grandchild):  # the grandchild has no parent-death signal of its own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_stopped_sweep_stops_the_run_and_what_it_started(tmp_path):
+    log = tmp_path / "run.log"
+    sweep = _sweep(log)
+    run, grandchild = _pids(log)
+    os.kill(sweep.pid, signal.SIGINT)  # Ctrl-C
+    sweep.join(timeout=30)
+    assert _gone(run, grandchild), "the run or its child outlived the stopped sweep"
+
+
+def test_a_held_run_lock_makes_the_sweep_wait_and_skip_the_finished_run(tmp_path, monkeypatch):
+    launched = []
+    monkeypatch.setattr(runner, "launch", lambda cmd, log, env, keep_fds=(): launched.append(cmd) or 1)
+    run_dir = tmp_path / "cell" / "seed0"
+    lock = tmp_path / "cell" / ".seed0.lock"
+    lock.parent.mkdir(parents=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another process runs this cell
+    outcome = []
+    worker = threading.Thread(target=lambda: outcome.append(runner._run_one(None, SimpleNamespace(name="cell"), 0, tmp_path, {})))
+    monkeypatch.setattr(runner, "_run_locked", lambda *args: launched.append(args) or (False, 0.0))
+    worker.start()
+    time.sleep(0.5)
+    assert worker.is_alive() and not launched  # waiting for the lock
+    write_json(run_dir / "summary.json", {"status": "done"})
+    os.close(fd)  # the other process finished the cell
+    worker.join(timeout=10)
+    assert outcome == [(True, 0.0)] and not launched
+

@@ -1,0 +1,71 @@
+"""A run stopped and resumed from its last checkpoint sees the batches an uninterrupted run sees, in order,
+and ends with the same weights bit for bit (CPU, tiny model, two epochs of six batches)."""
+
+import lightning as L
+import pytest
+import torch
+from helpers.projection import Capture
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from safeproj.data import InstructionDataModule, SourceSpec
+from safeproj.data.sampler import EpochShuffle
+from safeproj.model.module import SafeprojLM
+
+STEPS, EVERY = 10, 4  # 24 examples / batch 4 = 6 batches per epoch: the run crosses an epoch
+
+
+class StopAt(Callback):
+    """Dies before step `step + 1` begins, as a killed process would (no checkpoint on the way out)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("stopped")
+
+
+def _fit(root, callbacks=(), ckpt_path=None):
+    module = SafeprojLM(model="tiny", lr=1e-2, warmup_ratio=0.0)
+    data = InstructionDataModule([SourceSpec("builtin:useful")], num_samples=24, val_fraction=0.0, batch_size=4,
+                                 max_length=256, seed=0)  # fmt: skip
+    losses = Capture()
+    checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=EVERY, save_top_k=-1, save_last=True)
+    trainer = L.Trainer(
+        max_steps=STEPS, accelerator="cpu", logger=losses, log_every_n_steps=1, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=root, callbacks=[*callbacks, checkpoints],
+    )  # fmt: skip
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    steps = {step: m["train/loss"] for step, m in losses.logged if "train/loss" in m}
+    return {n: p.detach().clone() for n, p in module.named_parameters()}, steps
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return _fit(tmp_path_factory.mktemp("whole"))
+
+
+@pytest.mark.parametrize(("stop", "resumed_from"), [(8, 8), (6, 4)], ids=["at-checkpoint", "mid-interval"])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, uninterrupted, stop, resumed_from):
+    with pytest.raises(RuntimeError, match="stopped"):
+        _fit(tmp_path, [StopAt(stop)])
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == resumed_from
+    weights, losses = _fit(tmp_path, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    whole_weights, whole_losses = uninterrupted
+    assert sorted(losses) == list(range(resumed_from, STEPS))  # logged at the step count before each step
+    assert all(losses[s] == whole_losses[s] for s in losses)
+    assert all(torch.equal(weights[n], whole_weights[n]) for n in whole_weights)
+
+
+def test_epoch_order_is_fixed_by_seed_and_epoch_and_resumes_mid_epoch():
+    sampler = EpochShuffle(10, seed=1)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(first) == sorted(second) == list(range(10)) and first != second
+    again = EpochShuffle(10, seed=1)
+    again.resume(epoch=1, skip=4)
+    assert list(again) == first  # another epoch: nothing skipped
+    again.set_epoch(1)
+    assert list(again) == second[4:] and len(again) == 10

@@ -1,0 +1,62 @@
+"""Loggers for callback tests: one that keeps every logged metric, and a WandbLogger that keeps tables offline."""
+
+from __future__ import annotations
+
+from lightning.pytorch.loggers import Logger, WandbLogger
+
+
+class MemoryLogger(Logger):
+    """Keeps (step, metrics) for every `log_metrics` call."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[tuple[int | None, dict]] = []
+
+    @property
+    def name(self):
+        return "memory"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_metrics(self, metrics, step=None):
+        self.records.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def keyed(self, key: str) -> list[tuple[int | None, dict]]:
+        """The records that hold `key`."""
+        return [(step, m) for step, m in self.records if key in m]
+
+
+class RecordingWandb(WandbLogger):
+    """A WandbLogger that records tables instead of starting a W&B run."""
+
+    def __init__(self):
+        super().__init__(project="safeproj-test", offline=True)
+        self.tables: dict[str, tuple[list, list]] = {}
+
+    def log_table(self, key, columns=None, data=None, dataframe=None, step=None):
+        self.tables[key] = (columns, data)
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def save(self):
+        pass
+
+    def finalize(self, status):
+        pass
+
+    @property
+    def version(self):
+        return "offline"
+
+    @property
+    def experiment(self):  # the Trainer touches it in setup; no W&B run may start
+        return None
