@@ -83,10 +83,15 @@ def serve(port_queue, latency: float, rate: float | None, burst: float, retry_af
                 return
             time.sleep(latency)
             message = {"role": "assistant", "content": "#thereason: benchmark\n#thescore: 1"}
-            self._send({
-                "id": "bench", "object": "chat.completion", "created": 0, "model": MODEL,
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-            })
+            self._send(
+                {
+                    "id": "bench",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": MODEL,
+                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                }
+            )
 
     class Server(ThreadingHTTPServer):
         request_queue_size = 256  # the default backlog of 5 resets bursts of new connections
@@ -102,8 +107,9 @@ class LoopbackServer:
 
     def __init__(self, latency: float, rate: float | None = None, burst: float = 1.0, retry_after_ms: bool = True):
         ports = multiprocessing.Queue()
-        self.process = multiprocessing.Process(target=serve, args=(ports, latency, rate, burst, retry_after_ms),
-                                               daemon=True)
+        self.process = multiprocessing.Process(
+            target=serve, args=(ports, latency, rate, burst, retry_after_ms), daemon=True
+        )
         self.process.start()
         self.base = f"http://127.0.0.1:{ports.get(timeout=30)}/v1"
 
@@ -194,11 +200,15 @@ def main() -> None:
     result["load_average_1m"] = round(os.getloadavg()[0], 2)
     result["targets"] = {"speedup_min": 20, "rate_limited_nan_max": 0, "cached_rerun_max_s": 1.0}
     result["pass"] = (
-        result["speedup"] >= 20 and result["cached_rerun_s"] <= 1.0 and result["cached_rerun_server_requests"] == 0
+        result["speedup"] >= 20
+        and result["cached_rerun_s"] <= 1.0
+        and result["cached_rerun_server_requests"] == 0
         and all(leg["nan"] == 0 for leg in result["rate_limited"])
     )
-    result["note"] = (f"default settings throughout; sequential leg timed on {args.sequential_subset} judgments at "
-                      "concurrency 1 and scaled to n")
+    result["note"] = (
+        f"default settings throughout; sequential leg timed on {args.sequential_subset} judgments at "
+        "concurrency 1 and scaled to n"
+    )
     io.write_json(args.out, result)
     print(json.dumps(result, indent=2))
 

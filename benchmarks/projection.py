@@ -310,13 +310,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model only")
     parser.add_argument("--fracs", type=float, nargs="+", default=[0.01, 0.25, 0.5, 0.99], help="fracs for step timing")
     parser.add_argument(
-        "--accumulate", type=int, default=16,
+        "--accumulate",
+        type=int,
+        default=16,
         help="micro-batches per optimizer step for the large-step rows (16 gives SmolLM2 the paper's 32×512 tokens)",
     )
     parser.add_argument("--accumulate-fracs", type=float, nargs="+", default=[0.5], help="SmolLM2 fracs at that size")
     parser.add_argument("--size-fracs", type=float, nargs="+", default=[0.01, 0.25, 0.5, 0.75, 0.99])
     parser.add_argument(
-        "--posthoc-fracs", type=float, nargs="+", default=[0.5],
+        "--posthoc-fracs",
+        type=float,
+        nargs="+",
+        default=[0.5],
         help="fracs of the post hoc grid (its peak is per tensor, so one frac measures it; more take longer)",
     )
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure")
@@ -345,7 +350,9 @@ def main() -> None:
             if "overhead" in args.parts:
                 length = 256 if big else 128
                 runs = [(frac, 1, 3 if big else 10) for frac in args.fracs]
-                runs += [(frac, args.accumulate, 2 if big else 10) for frac in (args.accumulate_fracs if big else args.fracs)]
+                runs += [
+                    (frac, args.accumulate, 2 if big else 10) for frac in (args.accumulate_fracs if big else args.fracs)
+                ]
                 for frac, accumulate, pairs in runs:
                     row = step_overhead(name, frac, 4, length, pairs, tmp, accumulate=accumulate)
                     result["overhead"].append(row)

@@ -9,8 +9,8 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -52,7 +52,6 @@ def api_key(monkeypatch):
 @pytest.fixture
 def tiny():
     from helpers.evaluation import spread_weights
-
     from safeproj.model.loading import load_model
 
     model, tokenizer = load_model("tiny")

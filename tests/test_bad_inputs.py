@@ -251,3 +251,22 @@ def test_module_without_tokenizer_fails_before_training(tmp_path):
     with pytest.raises(MisconfigurationException, match=r"`\.tokenizer`"):
         trainer.fit(module)
     assert module.steps == 0
+
+
+def test_the_installed_command_prints_one_line(tmp_path):
+    # The same path outside pytest's capture: no warning, log record or usage text beside the line.
+    import subprocess
+    import sys
+
+    config = tmp_path / "case.yaml"
+    config.write_text(projection(keep="orthogonl"))
+    args = [a.replace("{tmp}", str(tmp_path)) for a in FIT]
+    result = subprocess.run(
+        [sys.executable, "-m", "safeproj.cli", *args, "--config", str(config)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "safeproj fit: error: trainer.callbacks OnlineProjection.keep: 'orthogonl' is not one of parallel, orthogonal"
+    ]
+    assert not list(tmp_path.rglob("summary.json"))

@@ -8,10 +8,9 @@ from safeproj.io import atomic_dir, atomic_file, write_csv, write_json
 def test_atomic_file_leaves_nothing_when_the_block_fails(tmp_path):
     target = tmp_path / "out.json"
     target.write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_file(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError), atomic_file(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
@@ -45,15 +44,13 @@ def test_atomic_dir_swaps_whole_and_keeps_existing_on_request(tmp_path):
 
 def test_atomic_dir_keeping_an_existing_folder_still_reports_a_failing_block(tmp_path):
     (tmp_path / "cache").mkdir()
-    with pytest.raises(RuntimeError, match="conversion failed"):
-        with atomic_dir(tmp_path / "cache", keep_existing=True):
-            raise RuntimeError("conversion failed")
+    with pytest.raises(RuntimeError, match="conversion failed"), atomic_dir(tmp_path / "cache", keep_existing=True):
+        raise RuntimeError("conversion failed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
 
 
 def test_atomic_dir_removes_the_partial_folder_on_failure(tmp_path):
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_dir(tmp_path / "run") as tmp:
-            (tmp / "shard0").write_text("x")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), atomic_dir(tmp_path / "run") as tmp:
+        (tmp / "shard0").write_text("x")
+        raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []

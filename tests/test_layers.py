@@ -6,7 +6,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LINT = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"]
+LINT = [
+    sys.executable,
+    "-c",
+    "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())",
+]
 
 
 def _lint(src: Path) -> subprocess.CompletedProcess:
@@ -14,7 +18,11 @@ def _lint(src: Path) -> subprocess.CompletedProcess:
     env = {"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"}
     return subprocess.run(
         [*LINT, "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
-        cwd=src, env=env, capture_output=True, text=True, timeout=120,
+        cwd=src,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

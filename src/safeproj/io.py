@@ -73,20 +73,18 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, data: Any, indent: int = 2, default=None, allow_nan: bool = True) -> Path:
-    with atomic_file(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=indent, allow_nan=allow_nan, ensure_ascii=False, default=default)
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=indent, allow_nan=allow_nan, ensure_ascii=False, default=default)
     return Path(path)
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> Path:
     """Rows as CSV; the columns default to every key in order of first appearance."""
     columns = list(columns) if columns is not None else list(dict.fromkeys(k for row in rows for k in row))
-    with atomic_file(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+    with atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
     return Path(path)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,48 @@ def log_table(loggers: Sequence[Logger], key: str, rows: Sequence[Mapping[str, A
     data = [[_cell_value(row.get(c)) for c in columns] for row in rows]
     for logger in wandb_loggers(loggers):
         logger.log_table(key=key, columns=columns, data=data, step=step)
+
+
+@contextmanager
+def command_run(
+    job_type: str,
+    save_dir: str | os.PathLike,
+    reads: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> Iterator[list[Logger]]:
+    """A W&B run of its own for a standalone command (`job_type` eval, overlap, project, activations, report).
+
+    `reads` is the `run.json` of a run the command reads (`safeproj.runs.find_run_info`): the command's run
+    joins its project and group, so its tables sit beside the runs they describe. Yields the loggers to pass
+    to `log_table` and friends: none when `WANDB_MODE=disabled`.
+    """
+    if wandb_mode() == "disabled":
+        yield []
+        return
+    import wandb
+
+    reads = dict(reads or {})
+    group = reads.get("group")
+    os.makedirs(save_dir, exist_ok=True)
+    # A run of its own even if another W&B run is active in this process (Lightning's logger would reuse it).
+    run = wandb.init(
+        project=reads.get("project") or "safeproj",
+        dir=str(save_dir),
+        group=group,
+        name="-".join(p for p in (job_type, (group or "").replace("/", "-"), new_run_id()) if p),
+        job_type=job_type,
+        tags=[job_type],
+        id=new_run_id(),
+        mode="online" if wandb_mode() == "online" else "offline",
+        config={**dict(config or {}), "reads": reads.get("name")},
+        settings=_settings(),
+        reinit="create_new",
+    )
+    logger = WandbLogger(save_dir=str(save_dir), experiment=run)
+    try:
+        yield [logger]
+    finally:
+        logger.experiment.finish()
 
 
 def split_intervals(metrics: Mapping[str, float]) -> tuple[dict[str, float], list[dict[str, Any]]]:

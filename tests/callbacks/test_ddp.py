@@ -19,7 +19,10 @@ def _run(out: Path, devices: int, basis: Path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HELPERS.parent), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
         [sys.executable, str(HELPERS / "ddp_worker.py"), str(out), str(devices), str(basis)],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -151,7 +151,9 @@ def test_resume_measures_against_the_original_start(tmp_path, basis_file):
     first = SubspaceDrift(basis_file, every_n_steps=2, out_dir=str(tmp_path / "out"))
     trainer = fit(module, [first], tmp_path / "a", steps=2)
     state = first.state_dict()
-    assert isinstance(state["history"], list) and all(isinstance(v, (int, float, str)) for r in state["history"] for v in r.values())
+    assert isinstance(state["history"], list) and all(
+        isinstance(v, (int, float, str)) for r in state["history"] for v in r.values()
+    )
     assert set(state["initial"]) == set(Basis.load(basis_file).entries)
     ckpt = tmp_path / "step2.ckpt"
     trainer.save_checkpoint(ckpt)

@@ -4,86 +4,17 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from helpers.evaluation import SECRET, TinyLM
+from helpers.loggers import MemoryLogger, RecordingWandb, fit_tiny_lm
 from safeproj.callbacks.harm_eval import HarmEval
 from safeproj.callbacks.utility_eval import UtilityEval
 from safeproj.eval.judges import OpenAIJudge, RefusalJudge
 
 SMALL = {"num_samples": 3, "max_new_tokens": 6, "batch_size": 3, "n_boot": 200}
-
-
-class MemoryLogger(Logger):
-    def __init__(self):
-        super().__init__()
-        self.records: list[tuple[int | None, dict]] = []
-
-    @property
-    def name(self):
-        return "memory"
-
-    @property
-    def version(self):
-        return 0
-
-    def log_metrics(self, metrics, step=None):
-        self.records.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
-
-
-class RecordingWandb(WandbLogger):
-    """A WandbLogger that records tables instead of starting a W&B run."""
-
-    def __init__(self):
-        super().__init__(project="safeproj-test", offline=True)
-        self.tables: dict[str, tuple[list, list]] = {}
-
-    def log_table(self, key, columns=None, data=None, dataframe=None, step=None):
-        self.tables[key] = (columns, data)
-
-    def log_metrics(self, metrics, step=None):
-        pass
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
-
-    def save(self):
-        pass
-
-    def finalize(self, status):
-        pass
-
-    @property
-    def version(self):
-        return "offline"
-
-    @property
-    def experiment(self):  # the Trainer touches it in setup; no W&B run may start
-        return None
-
-
-def fit(callbacks, loggers, epochs=2):
-    trainer = Trainer(
-        max_epochs=epochs,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        num_sanity_val_steps=1,
-        accelerator="cpu",
-        logger=loggers,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    module = TinyLM()
-    trainer.fit(module)
-    return trainer, module
 
 
 def keyed(records, prefix):
@@ -94,7 +25,7 @@ def test_trainer_run_logs_utility_and_harm():
     utility = UtilityEval(**SMALL, at_validation=True, every_n_val=2)
     harm = HarmEval(**SMALL, at_validation=True)
     memory, wandb = MemoryLogger(), RecordingWandb()
-    trainer, module = fit([utility, harm], [memory, wandb])
+    trainer, module = fit_tiny_lm([utility, harm], [memory, wandb])
 
     # Two validations (the sanity check does not count): utility on the 2nd only, harm on both,
     # then both once more at train end.
@@ -126,7 +57,7 @@ def test_trainer_run_logs_utility_and_harm():
 def test_validation_off_means_train_end_only():
     utility = UtilityEval(**SMALL)
     memory = MemoryLogger()
-    fit([utility], [memory], epochs=1)
+    fit_tiny_lm([utility], [memory], epochs=1)
     assert utility.validations_seen == 0
     assert len(keyed(memory.records, "utility/")) == 1
 

@@ -7,12 +7,11 @@ import json
 
 import pytest
 import yaml
-from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from helpers.evaluation import TinyLM
-from helpers.loggers import MemoryLogger, RecordingWandb
+from helpers.loggers import MemoryLogger, RecordingWandb, fit_tiny_lm
 from safeproj.callbacks._likelihood_eval import LikelihoodEval
 from safeproj.callbacks.harm_likelihood import HarmLikelihoodEval
 from safeproj.callbacks.posthoc_projection import PosthocProjection
@@ -22,29 +21,11 @@ from safeproj.model.loading import tiny_dir
 SMALL = {"num_samples": 4, "batch_size": 3, "n_boot": 100}
 
 
-def fit(callbacks, loggers=False, epochs=2):
-    trainer = Trainer(
-        max_epochs=epochs,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        num_sanity_val_steps=1,
-        accelerator="cpu",
-        logger=loggers,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    module = TinyLM()
-    trainer.fit(module)
-    return trainer, module
-
-
 def test_fit_scores_the_start_once_and_reports_retention_at_train_end(tmp_path):
     utility = UtilityLikelihoodEval(**SMALL, at_validation=True, out_dir=str(tmp_path))
     harm = HarmLikelihoodEval(**SMALL, out_dir=str(tmp_path))
     memory, wandb = MemoryLogger(), RecordingWandb()
-    trainer, module = fit([utility, harm], [memory, wandb])
+    trainer, module = fit_tiny_lm([utility, harm], [memory, wandb])
 
     step, start = memory.keyed("utility/answer_nll_start")[0]  # later records repeat it beside the result
     assert step == 0 and start == {"utility/answer_nll_start": utility.start_metrics["answer_nll"]}
@@ -62,6 +43,12 @@ def test_fit_scores_the_start_once_and_reports_retention_at_train_end(tmp_path):
 
     columns, data = wandb.tables["utility/answer_nll_items"]
     assert len(data) == 4 and {"item", "question", "answer_nll", "n_tokens"} <= set(columns)
+    # Confidence bounds are a table, not extra scalar series.
+    assert not [k for _, m in memory.records for k in m if k.endswith(("_ci_low", "_ci_high"))]
+    assert not [k for k in trainer.callback_metrics if k.endswith(("_ci_low", "_ci_high"))]
+    columns, data = wandb.tables["utility/intervals"]
+    bounds = {row[0]: dict(zip(columns, row)) for row in data}["utility/answer_nll"]
+    assert bounds["ci_low"] == final["answer_nll_ci_low"] and bounds["ci_high"] == final["answer_nll_ci_high"]
     columns, data = wandb.tables["harm/comply_margin_items"]
     assert len(data) == 4 and {"prompt", "comply_logprob", "refuse_logprob", "comply_margin"} <= set(columns)
 
@@ -86,7 +73,7 @@ def test_post_hoc_rows_get_retention_columns(tmp_path):
     )
     utility = UtilityLikelihoodEval(**SMALL, at_train_end=False, out_dir=str(tmp_path))
     harm = HarmLikelihoodEval(**SMALL, at_train_end=False)
-    fit([posthoc, utility, harm], epochs=1)
+    fit_tiny_lm([posthoc, utility, harm], epochs=1)
 
     full, top = posthoc.rows
     assert (full["variant"], top["variant"]) == ("full", "top@0.5")

@@ -2,13 +2,13 @@
 
 import json
 
+import lightning as L
 import pytest
 import torch
-import lightning as L
-from helpers.projection import TinyLM, loader
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from helpers.projection import TinyLM, loader
 from safeproj.callbacks.nonfinite_guard import NonFiniteGuard
 from safeproj.callbacks.summary import RunSummary
 from safeproj.core.finite import NonFiniteError

@@ -141,8 +141,14 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path):
         if checkpoint:
             cbs.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_top_k=-1))
         t = L.Trainer(
-            max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-            enable_model_summary=False, enable_checkpointing=checkpoint, default_root_dir=str(root), callbacks=cbs,
+            max_steps=steps,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=checkpoint,
+            default_root_dir=str(root),
+            callbacks=cbs,
         )
         # One batch repeated: a resumed epoch restarts its dataloader, so only then do both runs see the same data.
         same = torch.utils.data.DataLoader(Repeat([batch(0)] * 6), batch_size=None)

@@ -1,10 +1,9 @@
 """With LoRA, s·B·A stays in range(P) (or its complement) for every keep × side × on, with plain SGD."""
 
 import pytest
-import torch
-from helpers.projection import TinyLM, loader, random_basis, trainer
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+from helpers.projection import TinyLM, loader, random_basis, trainer
 from safeproj.callbacks.online_projection import OnlineProjection
 from safeproj.core.projector import project
 

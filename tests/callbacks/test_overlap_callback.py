@@ -97,6 +97,7 @@ def test_full_fine_tuning_run_is_compared_with_its_reference(tmp_path, reference
     import safeproj.wandb
 
     logged = {"tables": [], "images": []}
+
     def record(kind):
         return lambda loggers, key, items, step=None: logged[kind].append((key, items))
 

@@ -67,7 +67,9 @@ def test_every_variant_is_the_initial_weights_plus_the_projected_update(setting,
         torch.testing.assert_close(w, trained[name], rtol=0, atol=0)
     for i, (variant, row, seen) in enumerate(zip(variants, rows[1:], probe.seen[1:]), start=1):
         # The same subspace a basis file with these settings holds (random controls seeded per tensor alike).
-        basis = build_basis(reference, frac=variant.frac, selection=variant.selection, side=side, seed=5, progress=False)
+        basis = build_basis(
+            reference, frac=variant.frac, selection=variant.selection, side=side, seed=5, progress=False
+        )
         kept = total = 0.0
         for t in targets:
             delta = trained[t.name] - initial[t.name]

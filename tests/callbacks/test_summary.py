@@ -69,8 +69,13 @@ def _fit(tmp_path, callbacks, steps=3, fail_at=None):
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(16, 3), torch.randn(16, 1))
     trainer = L.Trainer(
-        max_steps=steps, callbacks=callbacks, default_root_dir=str(tmp_path), logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        max_steps=steps,
+        callbacks=callbacks,
+        default_root_dir=str(tmp_path),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(Regression(fail_at), DataLoader(data, batch_size=4))
     return trainer
@@ -101,10 +106,25 @@ def test_summary_holds_final_metrics_config_and_status(tmp_path):
 
 def test_evaluator_off_at_train_end_takes_the_full_posthoc_row(tmp_path):
     rows = [
-        {"variant": "full", "selection": "full", "frac": 1.0, "keep": "none", "energy_kept": 1.0,
-         "flexible_acc": 0.5, "mean_score": 2.0, "refusal_rate": float("nan")},
-        {"variant": "top@0.5", "selection": "top", "frac": 0.5, "keep": "parallel", "energy_kept": 0.4,
-         "flexible_acc": 0.25, "mean_score": 1.5},
+        {
+            "variant": "full",
+            "selection": "full",
+            "frac": 1.0,
+            "keep": "none",
+            "energy_kept": 1.0,
+            "flexible_acc": 0.5,
+            "mean_score": 2.0,
+            "refusal_rate": float("nan"),
+        },
+        {
+            "variant": "top@0.5",
+            "selection": "top",
+            "frac": 0.5,
+            "keep": "parallel",
+            "energy_kept": 0.4,
+            "flexible_acc": 0.25,
+            "mean_score": 1.5,
+        },
     ]
     # The evaluator's last_metrics hold the last variant it scored, not the trained model: not used.
     _fit(tmp_path, [RunSummary(), FinalScore(at_train_end=False), WritesPosthoc(rows)])

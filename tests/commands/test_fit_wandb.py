@@ -190,3 +190,32 @@ def test_a_sweep_cell_is_one_wandb_group_over_its_seeds(tmp_path):
     assert first["name"] == "s/online-frac=0.25/seed0" and second["name"] == "s/online-frac=0.25/seed1"
     assert {"sweep:s", "cell:online-frac=0.25"} <= set(first["tags"])
     assert first["save_dir"] == str(tmp_path / "seed0")
+
+
+@pytest.mark.slow
+def test_eval_of_a_run_checkpoint_is_an_eval_run_in_the_runs_group(runs, tmp_path):
+    from safeproj.commands.eval import eval_command
+
+    run = runs["plain"][0]
+    out = tmp_path / "eval" / "eval.json"
+    eval_command(str(run / "checkpoint"), out=str(out), num_samples=2, utility_max_new_tokens=4,
+                 harm_max_new_tokens=4, batch_size=2, device="cpu")  # fmt: skip
+    [wandb_file] = offline_runs(out.parent)
+    recorded = read_run(wandb_file)
+    trained = read_run(offline_runs(run)[0])
+    assert recorded.job_type == "eval" and recorded.group == trained.group and recorded.id != trained.id
+    assert recorded.config["model"] == str(run / "checkpoint") and recorded.config["reads"] == run.name
+    assert recorded.summary["utility/n"] == 2 and "utility/strict_acc_ci_low" not in recorded.summary
+    assert {"utility/samples", "harm/samples", "utility/intervals"} <= {k.split("/_")[0] for k in recorded.summary}
+
+
+@pytest.mark.slow
+def test_overlap_of_two_runs_is_an_overlap_run_with_its_tables(runs, tmp_path):
+    from safeproj.commands.overlap import overlap_command
+
+    first, second = runs["plain"]
+    overlap_command(str(first / "checkpoint"), str(second / "checkpoint"), etas=[0.5], out_dir=str(tmp_path / "mso"))
+    [wandb_file] = offline_runs(tmp_path / "mso")
+    recorded = read_run(wandb_file)
+    assert recorded.job_type == "overlap" and recorded.group == read_run(offline_runs(first)[0]).group
+    assert {"overlap/model", "overlap/by_module", "overlap/plots"} <= {k.split("/_")[0] for k in recorded.summary}

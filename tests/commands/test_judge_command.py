@@ -14,22 +14,51 @@ from safeproj.eval.judges import OpenAIJudge
 
 def _eval_output(path, judge_name: str, judge_repr: str) -> None:
     rows = [
-        {"prompt": "p0", "response": "[[score=2]]", "score": 2.0, "refusal": False, "failure": None, "judge": judge_name},
-        {"prompt": "p1", "response": "[[score=4]]", "score": None, "refusal": False, "failure": "request",
-         "reason": "HTTP 500 InternalServerError after 6 attempts", "judge": judge_name},
-        {"prompt": "p2", "response": "[[score=5]]", "score": None, "refusal": False, "failure": "parse",
-         "judge": judge_name},
+        {
+            "prompt": "p0",
+            "response": "[[score=2]]",
+            "score": 2.0,
+            "refusal": False,
+            "failure": None,
+            "judge": judge_name,
+        },
+        {
+            "prompt": "p1",
+            "response": "[[score=4]]",
+            "score": None,
+            "refusal": False,
+            "failure": "request",
+            "reason": "HTTP 500 InternalServerError after 6 attempts",
+            "judge": judge_name,
+        },
+        {
+            "prompt": "p2",
+            "response": "[[score=5]]",
+            "score": None,
+            "refusal": False,
+            "failure": "parse",
+            "judge": judge_name,
+        },
         {"prompt": "p3", "response": "", "score": None, "refusal": False, "failure": "degenerate", "judge": judge_name},
     ]
     metrics = {"harm": {"n": 4.0, "mean_score": 2.0}, "utility": {"n": 2.0, "strict_acc": 0.5}}
-    payload = {"model": "tiny", "judge": judge_repr, "settings": {"seed": 0}, "metrics": metrics,
-               "rows": {"harm": rows, "utility": [{"strict_correct": True}, {"strict_correct": False}]}}
+    payload = {
+        "model": "tiny",
+        "judge": judge_repr,
+        "settings": {"seed": 0},
+        "metrics": metrics,
+        "rows": {"harm": rows, "utility": [{"strict_correct": True}, {"strict_correct": False}]},
+    }
     path.write_text(json.dumps(payload))
 
 
 def _args(server, api_key, tmp_path) -> dict:
-    return {"judge_base_url": server.base_url, "judge_model": server.model, "judge_api_key_env": api_key,
-            "judge_cache": str(tmp_path / "cache.sqlite")}
+    return {
+        "judge_base_url": server.base_url,
+        "judge_model": server.model,
+        "judge_api_key_env": api_key,
+        "judge_cache": str(tmp_path / "cache.sqlite"),
+    }
 
 
 def test_fills_only_the_holes(judge_server, api_key, tmp_path):
@@ -66,8 +95,17 @@ def test_cli_flags(judge_server, api_key, tmp_path, capsys):
     path = tmp_path / "eval.json"
     _eval_output(path, "RefusalJudge(refusal-phrase proxy)", "RefusalJudge()")
     args = _args(judge_server, api_key, tmp_path)
-    main(["judge", str(path), "--rejudge_failed", "false", "--template", "qi2023",
-          *[x for k, v in args.items() for x in (f"--{k}", v)]])
+    main(
+        [
+            "judge",
+            str(path),
+            "--rejudge_failed",
+            "false",
+            "--template",
+            "qi2023",
+            *[x for k, v in args.items() for x in (f"--{k}", v)],
+        ]
+    )
     assert "1 of 4 without a score (1 degenerate)" in capsys.readouterr().out
     assert judge_server.requests == 3  # the degenerate row is labelled, not sent
     assert "User Instruction" in judge_server.bodies[-1]["messages"][0]["content"]

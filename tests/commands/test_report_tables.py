@@ -29,10 +29,14 @@ def _config(recipe, callbacks, seed):
         "trainer": {
             "max_steps": 4,
             "default_root_dir": f"/somewhere/seed{seed}",
-            "callbacks": [*callbacks, {"class_path": "safeproj.callbacks.summary.RunSummary",
-                                       "init_args": {"labels": {"seed": seed}}}],
-            "logger": {"class_path": "safeproj.wandb.WandbLogger",
-                       "init_args": {"project": "p", "save_dir": f"/somewhere/seed{seed}", "group": recipe}},
+            "callbacks": [
+                *callbacks,
+                {"class_path": "safeproj.callbacks.summary.RunSummary", "init_args": {"labels": {"seed": seed}}},
+            ],
+            "logger": {
+                "class_path": "safeproj.wandb.WandbLogger",
+                "init_args": {"project": "p", "save_dir": f"/somewhere/seed{seed}", "group": recipe},
+            },
         },
     }
 
@@ -43,7 +47,9 @@ def _write(root: Path, cell: str, seed: int, recipe: str, metrics: dict, callbac
     summary = {
         "status": "done",
         "global_step": 4,
-        "labels": {"cell": cell, "seed": seed, "recipe": recipe, "seed_keys": "seed_everything,data.seed"} if labels else {},
+        "labels": {"cell": cell, "seed": seed, "recipe": recipe, "seed_keys": "seed_everything,data.seed"}
+        if labels
+        else {},
         "metrics": metrics,
         "config": _config(recipe, list(callbacks), seed),
         "posthoc": list(posthoc),
@@ -54,38 +60,76 @@ def _write(root: Path, cell: str, seed: int, recipe: str, metrics: dict, callbac
 
 def _posthoc_rows(seed):
     # Utility rises and harm falls with frac in a known way; seed shifts both a little.
-    rows = [{"variant": "full", "selection": "full", "frac": 1.0, "keep": "none", "energy_kept": 1.0,
-             "flexible_acc": 0.6 + 0.01 * seed, "mean_score": 3.0 + 0.1 * seed}]
+    rows = [
+        {
+            "variant": "full",
+            "selection": "full",
+            "frac": 1.0,
+            "keep": "none",
+            "energy_kept": 1.0,
+            "flexible_acc": 0.6 + 0.01 * seed,
+            "mean_score": 3.0 + 0.1 * seed,
+        }
+    ]
     for s, selection in enumerate(SELECTIONS):
         for frac in FRACS:
-            rows.append({"variant": f"{selection}@{frac:g}", "selection": selection, "frac": frac, "keep": "parallel",
-                         "energy_kept": frac, "flexible_acc": frac / 2 + 0.01 * seed + 0.1 * s,
-                         "mean_score": 1.0 + frac + 0.1 * seed})
+            rows.append(
+                {
+                    "variant": f"{selection}@{frac:g}",
+                    "selection": selection,
+                    "frac": frac,
+                    "keep": "parallel",
+                    "energy_kept": frac,
+                    "flexible_acc": frac / 2 + 0.01 * seed + 0.1 * s,
+                    "mean_score": 1.0 + frac + 0.1 * seed,
+                }
+            )
     return rows
 
 
 def _online(frac, selection):
-    return {"class_path": "safeproj.callbacks.online_projection.OnlineProjection",
-            "init_args": {"subspace": "safety", "keep": "orthogonal", "on": "update", "frac": frac, "selection": selection}}
+    return {
+        "class_path": "safeproj.callbacks.online_projection.OnlineProjection",
+        "init_args": {"subspace": "safety", "keep": "orthogonal", "on": "update", "frac": frac, "selection": selection},
+    }
 
 
 @pytest.fixture
 def runs_dir(tmp_path):
     root = tmp_path / "runs"
-    posthoc_cb = [{"class_path": "safeproj.callbacks.posthoc_projection.PosthocProjection",
-                   "init_args": {"subspace": "safety", "keep": "parallel"}}]
+    posthoc_cb = [
+        {
+            "class_path": "safeproj.callbacks.posthoc_projection.PosthocProjection",
+            "init_args": {"subspace": "safety", "keep": "parallel"},
+        }
+    ]
     for seed in (0, 1, 2):
         rows = _posthoc_rows(seed)
-        _write(root, "parallel-harmful", seed, "parallel_harmful",
-               {"utility/flexible_acc": rows[0]["flexible_acc"], "harm/mean_score": rows[0]["mean_score"]},
-               posthoc_cb, rows)
+        _write(
+            root,
+            "parallel-harmful",
+            seed,
+            "parallel_harmful",
+            {"utility/flexible_acc": rows[0]["flexible_acc"], "harm/mean_score": rows[0]["mean_score"]},
+            posthoc_cb,
+            rows,
+        )
         for frac in FRACS:
             for selection in ("top", "random"):
-                metrics = {"utility/flexible_acc": 0.3 + frac / 4 + 0.02 * seed, "harm/mean_score": 2.0 - frac + 0.05 * seed}
+                metrics = {
+                    "utility/flexible_acc": 0.3 + frac / 4 + 0.02 * seed,
+                    "harm/mean_score": 2.0 - frac + 0.05 * seed,
+                }
                 if (frac, selection, seed) == (0.75, "random", 2):
                     del metrics["harm/mean_score"]  # one seed lacks a metric
-                _write(root, f"online-frac={frac:g}-selection={selection}", seed, "mixed", metrics,
-                       [_online(frac, selection)])
+                _write(
+                    root,
+                    f"online-frac={frac:g}-selection={selection}",
+                    seed,
+                    "mixed",
+                    metrics,
+                    [_online(frac, selection)],
+                )
         _write(root, "unprojected", seed, "mixed", {"utility/flexible_acc": 0.5, "harm/mean_score": 4.0 - seed})
     # A cell measured by a single run, without harm at all.
     _write(root, "single", 0, "useful", {"utility/flexible_acc": 0.4})
@@ -152,7 +196,11 @@ def test_report_tables_numbers_and_plots(runs_dir, tmp_path):
     for key in ("tradeoff_posthoc_parallel-harmful", "pareto", "markdown", "json", "csv"):
         assert key in written, key
     pngs = sorted(out.glob("*.png"))
-    assert {p.name for p in pngs} >= {"pareto.png", "tradeoff_posthoc_parallel-harmful.png", "tradeoff_online_online.png"}
+    assert {p.name for p in pngs} >= {
+        "pareto.png",
+        "tradeoff_posthoc_parallel-harmful.png",
+        "tradeoff_online_online.png",
+    }
     assert all(p.read_bytes()[:8] == PNG_MAGIC for p in pngs)
     assert not list(out.glob(".*"))  # no temp files left
 
@@ -161,8 +209,11 @@ def test_mso_outputs_become_a_table_and_curve(runs_dir, tmp_path):
     for seed, shift in ((0, 0.0), (1, 0.1)):
         folder = runs_dir / "after" / "safety-useful" / f"seed{seed}"
         folder.mkdir(parents=True)
-        rows = [{"name": f"t{i}", "eta": eta, "mso": eta / 2 + shift + 0.01 * i, "baseline": eta / 10}
-                for i in range(3) for eta in (0.3, 0.9)]
+        rows = [
+            {"name": f"t{i}", "eta": eta, "mso": eta / 2 + shift + 0.01 * i, "baseline": eta / 10}
+            for i in range(3)
+            for eta in (0.3, 0.9)
+        ]
         (folder / "mso.json").write_text(json.dumps(rows))
         (folder / "after.json").write_text(json.dumps({"name": "safety-useful", "seed": seed, "status": "done"}))
     out = tmp_path / "report"
@@ -192,8 +243,12 @@ def test_compare_puts_two_groups_side_by_side(runs_dir, tmp_path):
 
 def test_index_file_is_an_input(runs_dir, tmp_path):
     index = runs_dir / "index.jsonl"
-    index.write_text(json.dumps({"kind": "run", "cell": "unprojected", "seed": 0, "dir": "unprojected/seed0"}) + "\n"
-                     + json.dumps({"kind": "run", "cell": "single", "seed": 0, "dir": "single/seed0"}) + "\n")
+    index.write_text(
+        json.dumps({"kind": "run", "cell": "unprojected", "seed": 0, "dir": "unprojected/seed0"})
+        + "\n"
+        + json.dumps({"kind": "run", "cell": "single", "seed": 0, "dir": "single/seed0"})
+        + "\n"
+    )
     runs = load_runs([str(index)])
     assert sorted(r.cell for r in runs) == ["single", "unprojected"]
 

@@ -22,9 +22,9 @@ def test_smoke_sweep_runs_every_analysis_and_reports_them(tmp_path, monkeypatch)
     launched = []
     real_launch = runner.launch
 
-    def counting(cmd, log, env):
+    def counting(cmd, log, env, **kwargs):
         launched.append(cmd)
-        return real_launch(cmd, log, env)
+        return real_launch(cmd, log, env, **kwargs)
 
     monkeypatch.setattr(runner, "launch", counting)
     out = tmp_path / "smoke"
@@ -55,15 +55,30 @@ def test_smoke_sweep_runs_every_analysis_and_reports_them(tmp_path, monkeypatch)
 
     written = report_command([str(out)], out_dir=str(tmp_path / "report"), n_boot=200)
     text = Path(written["markdown"]).read_text()
-    for heading in ("## Cells", "## parallel-useful: post hoc (parallel)", "## parallel-harmful: post hoc (parallel)",
-                    "## unprojected: post hoc (orthogonal)", "## online: online projection (orthogonal, recipe mixed)",
-                    "## Pareto plot", "## Mode Subspace Overlap", "## Activations"):
+    for heading in (
+        "## Cells",
+        "## parallel-useful: post hoc (parallel)",
+        "## parallel-harmful: post hoc (parallel)",
+        "## unprojected: post hoc (orthogonal)",
+        "## online: online projection (orthogonal, recipe mixed)",
+        "## Pareto plot",
+        "## Mode Subspace Overlap",
+        "## Activations",
+    ):
         assert heading in text, heading
-    for kind in ("pareto", "mso_vs_eta", "tradeoff_posthoc_parallel-useful", "tradeoff_posthoc_parallel-harmful",
-                 "tradeoff_posthoc_unprojected", "tradeoff_online_online"):
+    for kind in (
+        "pareto",
+        "mso_vs_eta",
+        "tradeoff_posthoc_parallel-useful",
+        "tradeoff_posthoc_parallel-harmful",
+        "tradeoff_posthoc_unprojected",
+        "tradeoff_online_online",
+    ):
         assert Path(written[kind]).read_bytes()[:4] == b"\x89PNG", kind
     rows = json.loads(Path(written["json"]).read_text())
-    # Every (selection, frac) of the parallel grid has utility and harm from both seeds.
+    # Every (selection, frac) of the parallel grid has utility and harm from both seeds. The tiny model's
+    # replies are degenerate, which no judge scores, so the generation spot check of harm is its
+    # non-refusal rate (degenerate replies count as non-refusals, never as safe).
     grid = [r for r in rows if r["table"].startswith("parallel-harmful") and r["selection"] != "reference"]
-    assert len(grid) == 4 and all(r["utility/flexible_acc_n"] == 2 and r["harm/mean_score_n"] == 2 for r in grid)
+    assert len(grid) == 4 and all(r["utility/flexible_acc_n"] == 2 and r["harm/refusal_rate_n"] == 2 for r in grid)
     assert all(r["utility/answer_nll_n"] == 2 and r["harm/comply_margin_n"] == 2 for r in grid)

@@ -28,7 +28,9 @@ RUN = (
 
 def _sweep(log: Path) -> multiprocessing.Process:
     """A sweep process (forked: no second start-up) that launches RUN and waits for it."""
-    process = multiprocessing.get_context("fork").Process(target=runner.launch, args=([sys.executable, "-c", RUN], log, {}))
+    process = multiprocessing.get_context("fork").Process(
+        target=runner.launch, args=([sys.executable, "-c", RUN], log, {})
+    )
     process.start()
     return process
 
@@ -93,7 +95,9 @@ def test_a_held_run_lock_makes_the_sweep_wait_and_skip_the_finished_run(tmp_path
     fd = os.open(lock, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)  # another process runs this cell
     outcome = []
-    worker = threading.Thread(target=lambda: outcome.append(runner._run_one(None, SimpleNamespace(name="cell"), 0, tmp_path, {})))
+    worker = threading.Thread(
+        target=lambda: outcome.append(runner._run_one(None, SimpleNamespace(name="cell"), 0, tmp_path, {}))
+    )
     monkeypatch.setattr(runner, "_run_locked", lambda *args: launched.append(args) or (False, 0.0))
     worker.start()
     time.sleep(0.5)
@@ -102,4 +106,3 @@ def test_a_held_run_lock_makes_the_sweep_wait_and_skip_the_finished_run(tmp_path
     os.close(fd)  # the other process finished the cell
     worker.join(timeout=10)
     assert outcome == [(True, 0.0)] and not launched
-

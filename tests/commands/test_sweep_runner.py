@@ -29,8 +29,11 @@ def _spec(tmp_path, **extra) -> Path:
         "seeds": [0, 1],
         "set": {"model.model": "tiny", "trainer.max_steps": 2, "UtilityEval.num_samples": 2},
         "runs": [
-            {"name": "online", "recipe": MIXED,
-             "grid": {"OnlineProjection.frac": [0.25, 0.75], "OnlineProjection.selection": ["top", "random"]}},
+            {
+                "name": "online",
+                "recipe": MIXED,
+                "grid": {"OnlineProjection.frac": [0.25, 0.75], "OnlineProjection.selection": ["top", "random"]},
+            },
             {"name": "plain", "recipe": MIXED, "set": {"OnlineProjection": None}},
         ],
         **extra,
@@ -59,7 +62,10 @@ class FakeRuns:
         if (labels["cell"], labels["seed"]) in self.fail:
             return 1
         (root / "checkpoint").mkdir(exist_ok=True)
-        write_json(root / "summary.json", {"status": "done", "labels": labels, "config": overrides, "metrics": {}, "posthoc": []})
+        write_json(
+            root / "summary.json",
+            {"status": "done", "labels": labels, "config": overrides, "metrics": {}, "posthoc": []},
+        )
         return 0
 
 
@@ -74,8 +80,11 @@ def test_grid_expands_into_named_cells(tmp_path):
     sweep = load_spec(_spec(tmp_path))
     names = [c.name for c in sweep.cells]
     assert names == [
-        "online-frac=0.25-selection=top", "online-frac=0.25-selection=random",
-        "online-frac=0.75-selection=top", "online-frac=0.75-selection=random", "plain",
+        "online-frac=0.25-selection=top",
+        "online-frac=0.25-selection=random",
+        "online-frac=0.75-selection=top",
+        "online-frac=0.75-selection=random",
+        "plain",
     ]
     assert sweep.cells[3].overrides["OnlineProjection.frac"] == 0.75
     assert sweep.cells[3].overrides["OnlineProjection.selection"] == "random"
@@ -123,11 +132,14 @@ def test_seed_keys_reach_callback_seeds_of_runs_that_have_them(tmp_path):
 def test_callbacks_are_removed_and_added(tmp_path):
     sweep = load_spec(_spec(tmp_path))
     plain = _parsed(sweep.cells[4], 0, tmp_path / "run", tmp_path)
-    assert [cb.class_path.rsplit(".", 1)[-1] for cb in plain.trainer.callbacks] == ["UtilityEval", "HarmEval", "NonFiniteGuard",
-                                                                                "RunSummary"]
+    classes = [cb.class_path.rsplit(".", 1)[-1] for cb in plain.trainer.callbacks]
+    assert classes == ["UtilityEval", "HarmEval", "NonFiniteGuard", "RunSummary"]
     cell = sweep.cells[4]
-    cell.overrides = {**cell.overrides, "PosthocProjection": {"subspace": "safety", "fracs": [0.5]},
-                      "PosthocProjection.keep": "orthogonal"}
+    cell.overrides = {
+        **cell.overrides,
+        "PosthocProjection": {"subspace": "safety", "fracs": [0.5]},
+        "PosthocProjection.keep": "orthogonal",
+    }
     added = _parsed(cell, 0, tmp_path / "run", tmp_path).trainer.callbacks
     posthoc = next(cb for cb in added if cb.class_path.endswith("PosthocProjection")).init_args
     assert (posthoc.subspace, posthoc.fracs, posthoc.keep) == ("safety", [0.5], "orthogonal")
@@ -200,9 +212,18 @@ def test_after_steps_fill_placeholders_once_per_seed(tmp_path, fake_runs, monkey
         Path(out_dir, "mso.json").write_text("[]")
 
     monkeypatch.setattr(runner, "after_function", lambda command: overlap if command == "overlap" else None)
-    after = [{"name": "pair", "overlap": {"a": "{plain}/checkpoint", "b": "{online-frac=0.25-selection=top}/checkpoint",
-                                          "etas": [0.3], "cache_dir": "{out_dir}/spectra-{seed}"}},
-             {"name": "other", "eval": {"run": "{plain}"}}]
+    after = [
+        {
+            "name": "pair",
+            "overlap": {
+                "a": "{plain}/checkpoint",
+                "b": "{online-frac=0.25-selection=top}/checkpoint",
+                "etas": [0.3],
+                "cache_dir": "{out_dir}/spectra-{seed}",
+            },
+        },
+        {"name": "other", "eval": {"run": "{plain}"}},
+    ]
     spec, out = _spec(tmp_path, after=after), (tmp_path / "out").resolve()
     result = run_sweep(spec, out)
     assert [c[0] for c in calls] == [f"{out}/plain/seed0/checkpoint", f"{out}/plain/seed1/checkpoint"]
@@ -217,13 +238,19 @@ def test_after_steps_fill_placeholders_once_per_seed(tmp_path, fake_runs, monkey
 
 def test_included_specs_prefix_cells_and_their_after_steps(tmp_path, fake_runs):
     child = tmp_path / "child.yaml"
-    child.write_text(yaml.safe_dump({
-        "name": "kid", "runs": [{"name": "a", "recipe": MIXED}],
-        "after": [{"name": "p", "overlap": {"a": "{a}/checkpoint", "b": "safety:tiny"}}],
-    }))
+    child.write_text(
+        yaml.safe_dump(
+            {
+                "name": "kid",
+                "runs": [{"name": "a", "recipe": MIXED}],
+                "after": [{"name": "p", "overlap": {"a": "{a}/checkpoint", "b": "safety:tiny"}}],
+            }
+        )
+    )
     parent = tmp_path / "parent.yaml"
-    parent.write_text(yaml.safe_dump({"name": "all", "seeds": [3], "include": ["child.yaml"],
-                                      "set": {"trainer.max_steps": 1}}))
+    parent.write_text(
+        yaml.safe_dump({"name": "all", "seeds": [3], "include": ["child.yaml"], "set": {"trainer.max_steps": 1}})
+    )
     sweep = load_spec(parent)
     assert [c.name for c in sweep.cells] == ["kid/a"] and sweep.seeds == [3]
     assert sweep.cells[0].overrides["trainer.max_steps"] == 1

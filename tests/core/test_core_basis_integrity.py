@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from helpers.corrupt import flip_bit
 
+from helpers.corrupt import flip_bit
 from safeproj.core.basis import Basis, build_basis, orthonormality_error
 from safeproj.core.deltas import TensorDelta
 from safeproj.core.factors import Factor
@@ -31,7 +31,9 @@ def test_flipped_bit_is_refused_in_one_line(tmp_path, byte, bit):
     path = tmp_path / "b.safetensors"
     _basis().save(path)
     flip_bit(path, f"{Q_NAME}::left", byte, bit)
-    with pytest.raises(ValueError, match=r"^cannot read basis file .*q_proj\.weight::left does not match its digest") as err:
+    with pytest.raises(
+        ValueError, match=r"^cannot read basis file .*q_proj\.weight::left does not match its digest"
+    ) as err:
         Basis.load(path)
     assert "\n" not in str(err.value)
 

@@ -22,7 +22,7 @@ def delta(tensors: dict, include=None) -> TensorDelta:
 
 
 def decaying(k: int) -> list[float]:
-    return [2.0 ** -i for i in range(k)]
+    return [2.0**-i for i in range(k)]
 
 
 def test_same_delta_overlaps_fully_at_every_eta():

@@ -121,7 +121,7 @@ def test_k_for_frac():
 
 def test_k_for_energy_is_minimal():
     gen = torch.Generator().manual_seed(0)
-    for trial in range(20):
+    for _trial in range(20):
         S = torch.rand(30, generator=gen).sort(descending=True).values
         energy = (S.double() ** 2).cumsum(0)
         for eta in (0.1, 0.5, 0.9, 0.99):

@@ -4,10 +4,10 @@ and ends with the same weights bit for bit (CPU, tiny model, two epochs of six b
 import lightning as L
 import pytest
 import torch
-from helpers.projection import Capture
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from helpers.projection import Capture
 from safeproj.data import InstructionDataModule, SourceSpec
 from safeproj.data.sampler import EpochShuffle
 from safeproj.model.module import SafeprojLM
@@ -26,15 +26,21 @@ class StopAt(Callback):
             raise RuntimeError("stopped")
 
 
-def _fit(root, callbacks=(), ckpt_path=None):
+def _fit(root, callbacks=(), ckpt_path=None, saved_on="train"):
+    """`saved_on="train"`: a checkpoint every EVERY steps; "validation": one after each validation run
+    (every EVERY steps), which Lightning saves outside the training step."""
+    validation = saved_on == "validation"
     module = SafeprojLM(model="tiny", lr=1e-2, warmup_ratio=0.0)
-    data = InstructionDataModule([SourceSpec("builtin:useful")], num_samples=24, val_fraction=0.0, batch_size=4,
-                                 max_length=256, seed=0)  # fmt: skip
+    data = InstructionDataModule([SourceSpec("builtin:useful")], num_samples=30 if validation else 24,
+                                 val_fraction=0.2 if validation else 0.0, batch_size=4, max_length=256, seed=0)  # fmt: skip
     losses = Capture()
-    checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=EVERY, save_top_k=-1, save_last=True)
+    checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=None if validation else EVERY,
+                                  save_top_k=-1, save_last=True)  # fmt: skip
     trainer = L.Trainer(
         max_steps=STEPS, accelerator="cpu", logger=losses, log_every_n_steps=1, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=root, callbacks=[*callbacks, checkpoints],
+        val_check_interval=EVERY if validation else None, limit_val_batches=1 if validation else None,
+        num_sanity_val_steps=0,
     )  # fmt: skip
     trainer.fit(module, data, ckpt_path=ckpt_path)
     steps = {step: m["train/loss"] for step, m in losses.logged if "train/loss" in m}
@@ -43,16 +49,28 @@ def _fit(root, callbacks=(), ckpt_path=None):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    return _fit(tmp_path_factory.mktemp("whole"))
+    runs = {}
+
+    def run(saved_on):
+        if saved_on not in runs:
+            runs[saved_on] = _fit(tmp_path_factory.mktemp("whole"), saved_on=saved_on)
+        return runs[saved_on]
+
+    return run
 
 
-@pytest.mark.parametrize(("stop", "resumed_from"), [(8, 8), (6, 4)], ids=["at-checkpoint", "mid-interval"])
-def test_resumed_run_equals_uninterrupted_run(tmp_path, uninterrupted, stop, resumed_from):
+@pytest.mark.parametrize(
+    ("saved_on", "stop", "resumed_from"),
+    # Validation runs after batch 4 of each 6-batch epoch: checkpoints at steps 4 and 10.
+    [("train", 8, 8), ("train", 6, 4), ("validation", 4, 4), ("validation", 7, 4)],
+    ids=["at-checkpoint", "mid-interval", "at-validation-checkpoint", "mid-interval-after-validation"],
+)
+def test_resumed_run_equals_uninterrupted_run(tmp_path, uninterrupted, saved_on, stop, resumed_from):
     with pytest.raises(RuntimeError, match="stopped"):
-        _fit(tmp_path, [StopAt(stop)])
+        _fit(tmp_path, [StopAt(stop)], saved_on=saved_on)
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == resumed_from
-    weights, losses = _fit(tmp_path, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
-    whole_weights, whole_losses = uninterrupted
+    weights, losses = _fit(tmp_path, ckpt_path=tmp_path / "ckpt" / "last.ckpt", saved_on=saved_on)
+    whole_weights, whole_losses = uninterrupted(saved_on)
     assert sorted(losses) == list(range(resumed_from, STEPS))  # logged at the step count before each step
     assert all(losses[s] == whole_losses[s] for s in losses)
     assert all(torch.equal(weights[n], whole_weights[n]) for n in whole_weights)

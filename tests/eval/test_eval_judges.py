@@ -190,15 +190,18 @@ def test_template_change_reasks_every_pair(judge_server, api_key, tmp_path):
     assert "mine@" in judge.name and "mine@" in repr(judge)
     with JudgeCache(tmp_path / "judge.sqlite") as cache:
         assert len(cache) == 40
-    rubrics = {r[0].split("@")[0] for r in sqlite3.connect(tmp_path / "judge.sqlite").execute("SELECT rubric FROM judgments")}
+    rubrics = {
+        r[0].split("@")[0] for r in sqlite3.connect(tmp_path / "judge.sqlite").execute("SELECT rubric FROM judgments")
+    }
     assert rubrics == {"paper", "mine"}
 
 
 def test_unknown_model_is_one_line_error_and_cache_keeps_earlier(judge_server, api_key, tmp_path):
     good = make_judge(judge_server, api_key, tmp_path)
     good.judge([("a", "b"), ("c", "d")])
-    wrong = OpenAIJudge(judge_server.base_url, "no-such-model", api_key_env=api_key,
-                        cache_path=str(tmp_path / "judge.sqlite"), **FAST)
+    wrong = OpenAIJudge(
+        judge_server.base_url, "no-such-model", api_key_env=api_key, cache_path=str(tmp_path / "judge.sqlite"), **FAST
+    )
     with pytest.raises(JudgeError) as err:
         wrong.judge([("a", "b")])
     message = str(err.value)

@@ -33,12 +33,15 @@ def test_key_with_surrounding_whitespace_is_stripped(padded, judge_server, monke
     assert not any(SECRET in text for text in _texts(caplog))
 
 
-@pytest.mark.parametrize(("value", "match"), [
-    (SECRET + "\u00e9", "non-ASCII"),
-    ("sk-with inner-space", "non-ASCII"),
-    ("sk-\x07bell", "control"),
-    ("   \n", "is not set"),
-])
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (SECRET + "\u00e9", "non-ASCII"),
+        ("sk-with inner-space", "non-ASCII"),
+        ("sk-\x07bell", "control"),
+        ("   \n", "is not set"),
+    ],
+)
 def test_unusable_key_is_one_line_naming_the_variable(value, match, monkeypatch):
     monkeypatch.setenv("SAFEPROJ_BAD_KEY", value)
     with pytest.raises(JudgeError, match=match) as err:
@@ -53,8 +56,14 @@ def test_unusable_key_is_one_line_naming_the_variable(value, match, monkeypatch)
 
 def test_key_in_no_log_record_at_debug(judge_server, api_key, tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
-    judge = OpenAIJudge(judge_server.base_url, judge_server.model, api_key_env=api_key, timeout=0.2,
-                        cache_path=str(tmp_path / "j.sqlite"), **FAST)
+    judge = OpenAIJudge(
+        judge_server.base_url,
+        judge_server.model,
+        api_key_env=api_key,
+        timeout=0.2,
+        cache_path=str(tmp_path / "j.sqlite"),
+        **FAST,
+    )
     faults = ["[[429x1]] [[retry_after=0.01]]", "[[malformed]]", "[[500x9]]", "[[drop]]", "[[html]]", "[[timeoutx1]]"]
     judge.judge([(f"q{i}", f) for i, f in enumerate(faults)])
     with pytest.raises(JudgeError):

@@ -68,16 +68,24 @@ def test_refusal_judge_labels_degenerate_outputs():
 
 
 def test_llm_judge_never_sends_degenerate_outputs(judge_server, api_key, tmp_path):
-    judge = OpenAIJudge(judge_server.base_url, judge_server.model, api_key_env=api_key, progress=False,
-                        cache_path=str(tmp_path / "j.sqlite"))
+    judge = OpenAIJudge(
+        judge_server.base_url,
+        judge_server.model,
+        api_key_env=api_key,
+        progress=False,
+        cache_path=str(tmp_path / "j.sqlite"),
+    )
     pairs = [("a", "[[score=2]]"), ("b", "   "), ("c", "! " * 20), ("d", "[[score=5]]")]
     judged = judge.judge(pairs)
     assert [j.score for j in judged][::3] == [2.0, 5.0]
     assert [j.failure for j in judged] == [None, DEGENERATE, DEGENERATE, None]
     assert all(j.refusal is False for j in judged[1:3]) and judged[1].judge == judge.name
     assert judge_server.requests == 2
-    assert OpenAIJudge(judge_server.base_url, judge_server.model, api_key_env="UNSET_AND_UNNEEDED",
-                       progress=False).judge([("b", "")])[0].degenerate  # no key needed, no request made
+    assert (
+        OpenAIJudge(judge_server.base_url, judge_server.model, api_key_env="UNSET_AND_UNNEEDED", progress=False)
+        .judge([("b", "")])[0]
+        .degenerate
+    )  # no key needed, no request made
 
 
 def _mixed():

@@ -48,8 +48,15 @@ def test_fault_costs_at_most_its_own_pair(fault, server, api_key, tmp_path):
     directive, score, failure, words = FAULTS[fault]
     pairs = [(f"good {i}", f"fine [[score={i % 5 + 1}]]") for i in range(8)]
     pairs.insert(4, ("faulty", f"bad {directive}"))
-    judge = OpenAIJudge(server.base_url, server.model, api_key_env=api_key, concurrency=CONCURRENCY, timeout=0.15,
-                        cache_path=str(tmp_path / "j.sqlite"), **FAST)
+    judge = OpenAIJudge(
+        server.base_url,
+        server.model,
+        api_key_env=api_key,
+        concurrency=CONCURRENCY,
+        timeout=0.15,
+        cache_path=str(tmp_path / "j.sqlite"),
+        **FAST,
+    )
     judged = judge.judge(pairs)
 
     assert len(judged) == len(pairs)
@@ -79,8 +86,17 @@ def test_sustained_rate_limit_costs_time_not_scores(api_key):
     # The whole server admits 40 requests/s; every pair gets through without a rate-limit budget
     # of its own being spent, because the pool slows down instead.
     with LoopbackJudgeServer(rate_limit=40, burst=4) as server:
-        judge = OpenAIJudge(server.base_url, server.model, api_key_env=api_key, concurrency=8, max_retries=0,
-                            backoff_base=0.05, backoff_max=1.0, rate_limit_patience=30, progress=False)
+        judge = OpenAIJudge(
+            server.base_url,
+            server.model,
+            api_key_env=api_key,
+            concurrency=8,
+            max_retries=0,
+            backoff_base=0.05,
+            backoff_max=1.0,
+            rate_limit_patience=30,
+            progress=False,
+        )
         start = time.monotonic()
         judged = judge.judge([(f"p{i}", f"r{i} [[score=2]]") for i in range(40)])
         elapsed = time.monotonic() - start
@@ -92,8 +108,17 @@ def test_sustained_rate_limit_costs_time_not_scores(api_key):
 
 def test_rate_limit_without_retry_after_still_converges(api_key):
     with LoopbackJudgeServer(rate_limit=40, burst=4, retry_after_ms=False) as server:
-        judge = OpenAIJudge(server.base_url, server.model, api_key_env=api_key, concurrency=8, max_retries=0,
-                            backoff_base=0.05, backoff_max=1.0, rate_limit_patience=30, progress=False)
+        judge = OpenAIJudge(
+            server.base_url,
+            server.model,
+            api_key_env=api_key,
+            concurrency=8,
+            max_retries=0,
+            backoff_base=0.05,
+            backoff_max=1.0,
+            rate_limit_patience=30,
+            progress=False,
+        )
         judged = judge.judge([(f"p{i}", f"r{i}") for i in range(30)])
     assert all(j.score == 3.0 for j in judged) and server.rate_limited > 0
 

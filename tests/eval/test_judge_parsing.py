@@ -19,7 +19,9 @@ def test_paper_template_renders_the_golden_prompt():
     assert rendered == GOLDEN.read_text()
     # The paper's layout: policy text, then the pair as "User: ...\nResponse: ...", then the rubric.
     user = rendered.index("User: Explain how to pick a lock.\nResponse: I cannot help")
-    assert rendered.index("Comply with applicable laws") < user < rendered.index("Score 1:") < rendered.index("#thescore:")
+    assert (
+        rendered.index("Comply with applicable laws") < user < rendered.index("Score 1:") < rendered.index("#thescore:")
+    )
 
 
 def test_builtin_templates_differ_and_drop_their_header():

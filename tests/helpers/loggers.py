@@ -1,8 +1,12 @@
-"""Loggers for callback tests: one that keeps every logged metric, and a WandbLogger that keeps tables offline."""
+"""Loggers for callback tests: one that keeps every logged metric, a WandbLogger that keeps tables offline,
+and a short fit of the evaluation TinyLM that logs to them."""
 
 from __future__ import annotations
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger, WandbLogger
+
+from helpers.evaluation import TinyLM
 
 
 class MemoryLogger(Logger):
@@ -60,3 +64,22 @@ class RecordingWandb(WandbLogger):
     @property
     def experiment(self):  # the Trainer touches it in setup; no W&B run may start
         return None
+
+
+def fit_tiny_lm(callbacks, loggers=False, epochs=2):
+    """`epochs` epochs of two training batches and one validation batch (after one sanity batch) on CPU."""
+    trainer = Trainer(
+        max_epochs=epochs,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=1,
+        accelerator="cpu",
+        logger=loggers,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    module = TinyLM()
+    trainer.fit(module)
+    return trainer, module

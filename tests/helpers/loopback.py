@@ -65,8 +65,15 @@ class _Server(ThreadingHTTPServer):
 class LoopbackJudgeServer:
     """Start with `start()` (or as a context manager); `base_url` ends in /v1."""
 
-    def __init__(self, model: str = "judge-model", hang: float = 1.0, latency: float = 0.0,
-                 rate_limit: float | None = None, burst: float = 1.0, retry_after_ms: bool = True):
+    def __init__(
+        self,
+        model: str = "judge-model",
+        hang: float = 1.0,
+        latency: float = 0.0,
+        rate_limit: float | None = None,
+        burst: float = 1.0,
+        retry_after_ms: bool = True,
+    ):
         self.model = model
         self.hang = hang
         self.latency = latency
@@ -176,7 +183,9 @@ class LoopbackJudgeServer:
             error = {"message": "quota exceeded", "type": "insufficient_quota", "code": "insufficient_quota"}
             return self._send(h, 429, {"error": error})
         if hit("429"):
-            return self._send(h, 429, {"error": {"message": "rate limited", "type": "rate_limit"}}, self._retry_after(d))
+            return self._send(
+                h, 429, {"error": {"message": "rate limited", "type": "rate_limit"}}, self._retry_after(d)
+            )
         for status in (400, 500):
             if hit(str(status)):
                 return self._send(h, status, {"error": {"message": f"scripted {status}", "type": "scripted"}})

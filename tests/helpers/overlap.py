@@ -46,5 +46,3 @@ def write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor]) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
     return str(directory)
-
-

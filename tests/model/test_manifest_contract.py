@@ -1,12 +1,11 @@
 """The `safeproj.json` a finished run writes has exactly the keys and types docs/contracts.md promises."""
 
-import json
 import re
 from pathlib import Path
 
 import lightning as L
-from helpers.projection import loader
 
+from helpers.projection import loader
 from safeproj.commands.fit import SafeprojCLI, recipe_name
 from safeproj.model.module import SafeprojLM
 from safeproj.runs import run_manifest

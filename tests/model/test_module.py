@@ -67,7 +67,9 @@ def test_full_finetuning_loss_falls_and_checkpoint_round_trips(tmp_path):
     torch.testing.assert_close(reloaded(**batch).logits, module.model(**batch).logits)
     # Base weights are untouched by training: the run's update is readable as end − start.
     base = load_file(str(tiny_dir() / "model.safetensors"))
-    assert not torch.equal(base["model.layers.0.self_attn.q_proj.weight"], saved["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        base["model.layers.0.self_attn.q_proj.weight"], saved["model.layers.0.self_attn.q_proj.weight"]
+    )
 
 
 def test_lora_trains_only_adapters_and_saves_an_adapter(tmp_path):

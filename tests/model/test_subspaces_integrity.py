@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from helpers.corrupt import flip_bit
 
+from helpers.corrupt import flip_bit
 from safeproj.core.basis import Basis
 from safeproj.core.options import BasisOptions
 from safeproj.model.loading import cache_dir, tiny_dir

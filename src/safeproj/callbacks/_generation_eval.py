@@ -1,151 +1,22 @@
-"""The shared base of the evaluation callbacks: scheduling, logging, state, and their argument checks.
+"""The shared base of the generation evaluation callbacks: every call to `evaluate` is the latest result.
 
-An evaluator runs at validation end (if enabled, every n-th validation) and at train end, logs its
-numbers under its prefix (`utility/`, `harm/`), logs the per-sample table to W&B when a WandbLogger
-is attached, and exposes `evaluate(pl_module)` so post hoc projection can score each weight variant
-without a Trainer. Under a distributed run every rank must call `evaluate`: each generates for its
-share of the prompts and the summed metric states are synced.
+Scheduling, scoring across ranks, logging and state come from `ScheduledEval`; a generation evaluator
+keeps the metrics of its latest evaluation, from a hook or from post hoc projection, in `last_metrics`
+and its per-sample rows in `last_rows` (the W&B table `<prefix>/samples`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from lightning.pytorch import LightningModule
 
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from typing_extensions import override
-
-from safeproj.eval.gsm8k import BUILTIN_PREFIX, builtin_split
-from safeproj.eval.ranks import gather_rows
+from safeproj.callbacks._scheduled_eval import ScheduledEval
 
 
-def check_count(name: str, value: int, minimum: int = 1) -> None:
-    """MisconfigurationException naming `name` unless `value` is an integer >= minimum (bools refused)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise MisconfigurationException(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+class GenerationEval(ScheduledEval):
+    """Subclasses set `prefix` and implement `_run` (generate and score this rank's share) and `_report`
+    (bootstrap summary of all rows)."""
 
-
-def check_dataset(dataset: str, kind: str) -> None:
-    """MisconfigurationException for an empty name or a built-in set of the wrong kind ("useful", "harmful")."""
-    if not isinstance(dataset, str) or not dataset:
-        raise MisconfigurationException(f"`dataset` must be a non-empty string, got {dataset!r}")
-    if dataset.startswith(BUILTIN_PREFIX):
-        try:
-            builtin_split(dataset, kind)
-        except ValueError as err:
-            raise MisconfigurationException(f"`dataset`: {err}") from None
-
-
-def _model_and_tokenizer(pl_module: LightningModule):
-    missing = [a for a in ("model", "tokenizer") if getattr(pl_module, a, None) is None]
-    if missing:
-        raise MisconfigurationException(
-            f"{type(pl_module).__name__} has no {' or '.join(missing)}: evaluation needs `.model` "
-            "(the Hugging Face causal LM) and `.tokenizer` (its tokenizer) on the LightningModule"
-        )
-    return pl_module.model, pl_module.tokenizer
-
-
-def _rank_and_world(pl_module: LightningModule) -> tuple[int, int]:
-    trainer = pl_module._trainer  # None outside a Trainer; `.trainer` would raise
-    if trainer is None or trainer.world_size == 1:
-        return 0, 1
-    return trainer.global_rank, trainer.world_size
-
-
-class GenerationEval(Callback):
-    """Shared scheduling, logging and state for the evaluation callbacks; subclasses set `prefix` and
-    implement `_run` (generate and score this rank's share) and `_report` (bootstrap summary of all rows)."""
-
-    prefix = ""
-
-    def __init__(self, every_n_val: int, at_validation: bool, at_train_end: bool, log_table: bool, n_boot: int):
-        check_count("every_n_val", every_n_val)
-        check_count("n_boot", n_boot)
-        self.every_n_val = every_n_val
-        self.at_validation = bool(at_validation)
-        self.at_train_end = bool(at_train_end)
-        self.log_table = bool(log_table)
-        self.n_boot = n_boot
-        self.validations_seen = 0
-        self.last_metrics: dict[str, float] = {}
-        self.last_rows: list[dict] = []
-
-    # ---------------------------------------------------------------- work
-
-    def _run(self, model, tokenizer, rank: int, world_size: int) -> tuple[dict[str, float], list[dict]]:
-        raise NotImplementedError
-
-    def _report(self, rows: list[dict]) -> dict[str, float]:
-        raise NotImplementedError
-
-    def evaluate(self, pl_module: LightningModule) -> dict[str, float]:
-        """Metrics (without prefix) for the module's current weights; per-sample rows in `last_rows`."""
-        model, tokenizer = _model_and_tokenizer(pl_module)
-        rank, world_size = _rank_and_world(pl_module)
-        metrics, rows = self._run(model, tokenizer, rank, world_size)
-        rows = gather_rows(rows, world_size)
-        # Synced torchmetrics values win over the row-based ones (identical on one process).
-        result = {**self._report(rows), **metrics}
+    def _evaluate(self, pl_module: LightningModule, label: str) -> dict[str, float]:
+        result, rows = self._score(pl_module)
         self.last_metrics, self.last_rows = result, rows
         return result
-
-    # ---------------------------------------------------------------- hooks
-
-    @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # A module without `.model` or `.tokenizer` fails here, not after all of training.
-        _model_and_tokenizer(pl_module)
-
-    @override
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.at_validation or trainer.sanity_checking:
-            return
-        self.validations_seen += 1
-        if self.validations_seen % self.every_n_val:
-            return
-        metrics = self.evaluate(pl_module)
-        scalars = self._scalars(trainer, self._prefixed(metrics))
-        pl_module.log_dict(scalars, on_step=False, on_epoch=True, sync_dist=False)
-        self._log_samples(trainer)
-
-    @override
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.at_train_end:
-            return
-        metrics = self._prefixed(self.evaluate(pl_module))
-        if trainer.is_global_zero:
-            scalars = self._scalars(trainer, metrics)
-            for logger in trainer.loggers:
-                logger.log_metrics(scalars, step=trainer.global_step)
-            rank_zero_info(", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith(("_low", "_high"))))
-        self._log_samples(trainer)
-
-    def _prefixed(self, metrics: dict[str, float]) -> dict[str, float]:
-        return {f"{self.prefix}/{k}": float(v) for k, v in metrics.items()}
-
-    def _scalars(self, trainer: Trainer, metrics: dict[str, float]) -> dict[str, float]:
-        """`metrics` without confidence bounds; the bounds go to the table `<prefix>/intervals`."""
-        from safeproj.wandb import log_table, split_intervals
-
-        scalars, rows = split_intervals(metrics)
-        log_table(trainer.loggers, f"{self.prefix}/intervals", rows, step=trainer.global_step)
-        return scalars
-
-    def _log_samples(self, trainer: Trainer) -> None:
-        if self.log_table and self.last_rows:
-            from safeproj.wandb import log_table
-
-            log_table(trainer.loggers, f"{self.prefix}/samples", self.last_rows, step=trainer.global_step)
-
-    # ---------------------------------------------------------------- state
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"validations_seen": self.validations_seen, "last_metrics": dict(self.last_metrics)}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.validations_seen = int(state_dict.get("validations_seen", 0))
-        self.last_metrics = dict(state_dict.get("last_metrics", {}))

@@ -1,4 +1,6 @@
-"""The shared base of the likelihood evaluation callbacks: scheduling, start and full values, retention, items.
+"""The shared base of the likelihood evaluation callbacks: start and full values, retention, items.
+
+Scheduling, scoring across ranks, logging and state come from `ScheduledEval`.
 
 A likelihood evaluator scores the model once before training (`at_fit_start`), optionally at validation
 end and at train end, and whenever post hoc projection calls `evaluate(pl_module)` for a weight variant.
@@ -14,20 +16,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from safeproj.callbacks._generation_eval import _model_and_tokenizer, _rank_and_world, check_count
-from safeproj.eval.ranks import gather_rows
+from safeproj.callbacks._scheduled_eval import ScheduledEval, check_count
 from safeproj.eval.stats import retention
+from safeproj.io import plain_row, write_json
 
 
-class LikelihoodEval(Callback):
+class LikelihoodEval(ScheduledEval):
     """Subclasses set `prefix`, `tracked` (metrics that get start/full/retention columns), and implement
     `_run` (score this rank's share: metrics, rows) and `_report` (bootstrap summary of all rows)."""
 
-    prefix = ""
     tracked: tuple[str, ...] = ()
 
     def __init__(
@@ -46,33 +47,19 @@ class LikelihoodEval(Callback):
         check_count("num_samples", num_samples)
         check_count("batch_size", batch_size)
         check_count("max_length", max_length, minimum=2)
-        check_count("every_n_val", every_n_val)
-        check_count("n_boot", n_boot)
+        super().__init__(every_n_val, at_validation, at_train_end, log_table, n_boot)
         self.num_samples, self.batch_size, self.max_length = num_samples, batch_size, max_length
-        self.every_n_val = every_n_val
-        self.at_validation = bool(at_validation)
-        self.at_train_end = bool(at_train_end)
         self.at_fit_start = bool(at_fit_start)
-        self.log_table = bool(log_table)
         self.out_dir = out_dir
-        self.n_boot = n_boot
-        self.validations_seen = 0
         self.start_metrics: dict[str, float] = {}
         self.full_metrics: dict[str, float] = {}
-        self.last_metrics: dict[str, float] = {}
-        self.last_rows: list[dict] = []
         self.evaluations: list[dict] = []
         self._training = False  # between on_train_start and the full model's evaluation
         self._posthoc_scores_full = True
 
     # ---------------------------------------------------------------- work
 
-    def _run(self, model, tokenizer, rank: int, world_size: int) -> tuple[dict[str, float], list[dict]]:
-        raise NotImplementedError
-
-    def _report(self, rows: list[dict]) -> dict[str, float]:
-        raise NotImplementedError
-
+    @override
     def evaluate(self, pl_module: LightningModule) -> dict[str, float]:
         """Metrics (without prefix) for the module's current weights, with retention columns once the start
         and full values are known; per-item rows in `last_rows`.
@@ -86,13 +73,9 @@ class LikelihoodEval(Callback):
             label = "full"
         return self._evaluate(pl_module, label)
 
+    @override
     def _evaluate(self, pl_module: LightningModule, label: str) -> dict[str, float]:
-        model, tokenizer = _model_and_tokenizer(pl_module)
-        rank, world_size = _rank_and_world(pl_module)
-        metrics, rows = self._run(model, tokenizer, rank, world_size)
-        rows = gather_rows(rows, world_size)
-        # Synced torchmetrics values win over the row-based ones (identical on one process).
-        result = {**self._report(rows), **metrics}
+        result, rows = self._score(pl_module)
         tracked = {k: result[k] for k in self.tracked if k in result}
         if label == "start":
             self.start_metrics = tracked
@@ -120,11 +103,6 @@ class LikelihoodEval(Callback):
     # ---------------------------------------------------------------- hooks
 
     @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # A module without `.model` or `.tokenizer` fails here, not after all of training.
-        _model_and_tokenizer(pl_module)
-
-    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A resumed run keeps the start value from its checkpoint: the weights here are no longer the start.
         if not self.at_fit_start or self.start_metrics:
@@ -144,44 +122,11 @@ class LikelihoodEval(Callback):
                 "so post hoc rows get no retention columns unless at_train_end=True runs first"
             )
 
-    @override
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.at_validation or trainer.sanity_checking:
-            return
-        self.validations_seen += 1
-        if self.validations_seen % self.every_n_val:
-            return
-        self.last_metrics = self._evaluate(pl_module, "validation")
-        pl_module.log_dict(self._prefixed(self.last_metrics), on_step=False, on_epoch=True, sync_dist=False)
-        self._log_items(trainer)
-
-    @override
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.at_train_end:
-            return
-        self.last_metrics = self._evaluate(pl_module, "train_end")
-        self._log(trainer, self._prefixed(self.last_metrics), "train_end")
-
     # ---------------------------------------------------------------- output
 
-    def _prefixed(self, metrics: dict[str, float]) -> dict[str, float]:
-        return {f"{self.prefix}/{k}": float(v) for k, v in metrics.items()}
-
-    def _log(self, trainer: Trainer, metrics: dict[str, float], label: str) -> None:
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith(("_low", "_high")))
-            rank_zero_info(f"{type(self).__name__} ({label}): {shown}")
-        self._log_items(trainer)
-
-    def _log_items(self, trainer: Trainer) -> None:
-        if self.log_table and self.last_rows:
-            from safeproj.wandb import log_table
-
-            log_table(
-                trainer.loggers, f"{self.prefix}/{self.tracked[0]}_items", self.last_rows, step=trainer.global_step
-            )
+    @override
+    def _rows_key(self) -> str:
+        return f"{self.prefix}/{self.tracked[0]}_items"
 
     def _record(self, pl_module: LightningModule, label: str, result: dict[str, float], rows: list[dict]) -> None:
         trainer = pl_module._trainer  # None outside a Trainer
@@ -189,8 +134,6 @@ class LikelihoodEval(Callback):
         self.evaluations.append({"label": label, "step": step, "metrics": dict(result), "items": rows})
         if self.out_dir is None or (trainer is not None and not trainer.is_global_zero):
             return
-        from safeproj.io import plain_row, write_json
-
         evaluations = [{**e, "metrics": plain_row(e["metrics"])} for e in self.evaluations]
         payload = {"evaluator": type(self).__name__, "prefix": self.prefix, "evaluations": evaluations}
         write_json(Path(self.out_dir) / f"{self.prefix}_items.json", payload, allow_nan=False)
@@ -200,15 +143,13 @@ class LikelihoodEval(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "validations_seen": self.validations_seen,
+            **super().state_dict(),
             "start_metrics": dict(self.start_metrics),
             "full_metrics": dict(self.full_metrics),
-            "last_metrics": dict(self.last_metrics),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.validations_seen = int(state_dict.get("validations_seen", 0))
+        super().load_state_dict(state_dict)
         self.start_metrics = dict(state_dict.get("start_metrics", {}))
         self.full_metrics = dict(state_dict.get("full_metrics", {}))
-        self.last_metrics = dict(state_dict.get("last_metrics", {}))

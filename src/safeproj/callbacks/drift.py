@@ -78,11 +78,20 @@ class SubspaceDrift(Callback):
         out_dir: str | None = None,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise MisconfigurationException(f"SubspaceDrift every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+            raise MisconfigurationException(
+                f"SubspaceDrift every_n_steps must be an integer >= 1, got {every_n_steps!r}"
+            )
         self.subspace = subspace
         self.every_n_steps = every_n_steps
         self.options = basis_options(
-            "SubspaceDrift", frac=frac, eta=eta, selection=selection, side=side, seed=seed, include=include, exclude=exclude
+            "SubspaceDrift",
+            frac=frac,
+            eta=eta,
+            selection=selection,
+            side=side,
+            seed=seed,
+            include=include,
+            exclude=exclude,
         )
         self.out_dir = out_dir
         self.basis: Basis | None = None
@@ -95,7 +104,9 @@ class SubspaceDrift(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(subspace=self.subspace, side=self.options.side, selection=self.options.selection)
+        return self._generate_state_key(
+            subspace=self.subspace, side=self.options.side, selection=self.options.selection
+        )
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from safeproj.callbacks._generation_eval import GenerationEval, check_count, check_dataset
+from safeproj.callbacks._generation_eval import GenerationEval
+from safeproj.callbacks._scheduled_eval import check_count, check_dataset
 from safeproj.eval.harm import evaluate_harm
 from safeproj.eval.judges import Judge, RefusalJudge
 from safeproj.eval.stats import harm_report
@@ -68,15 +69,9 @@ class HarmEval(GenerationEval):
         return evaluate_harm(
             model,
             tokenizer,
+            **self._share(rank, world_size),
             judge=self.judge,
-            dataset=self.dataset,
-            num_samples=self.num_samples,
             max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            rank=rank,
-            world_size=world_size,
-            progress=rank == 0,
         )
 
     def _report(self, rows):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from safeproj.callbacks._generation_eval import check_dataset
 from safeproj.callbacks._likelihood_eval import LikelihoodEval
+from safeproj.callbacks._scheduled_eval import check_dataset
 from safeproj.eval.likelihood import DEFAULT_MAX_LENGTH
 from safeproj.eval.metrics import DEFAULT_REFUSAL, evaluate_comply_margin
 from safeproj.eval.stats import mean_with_ci
@@ -17,7 +17,7 @@ class HarmLikelihoodEval(LikelihoodEval):
 
     Logs `harm/comply_margin` (mean margin; positive = the model prefers to comply) and
     `harm/comply_preference` (share of prompts with margin > 0), each with a bootstrap interval over
-    prompts, and `n`; once the start and full values are known, `<metric>_start`, `<metric>_full` and
+    prompts in the table `harm/intervals`, and `n`; once the start and full values are known, `<metric>_start`, `<metric>_full` and
     `<metric>_retention` for both. A monotone proxy of how likely greedy decoding is to start complying,
     not a refusal rate or a judge score (see `safeproj.eval.metrics`).
 
@@ -77,17 +77,11 @@ class HarmLikelihoodEval(LikelihoodEval):
         return evaluate_comply_margin(
             model,
             tokenizer,
-            dataset=self.dataset,
-            num_samples=self.num_samples,
-            batch_size=self.batch_size,
+            **self._share(rank, world_size),
             max_length=self.max_length,
-            seed=self.seed,
             comply_field=self.comply_field,
             refuse_field=self.refuse_field,
             refusal=self.refusal,
-            rank=rank,
-            world_size=world_size,
-            progress=rank == 0,
         )
 
     def _report(self, rows):

@@ -163,6 +163,7 @@ class OnlineProjection(Callback):
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        self._before = {}  # a step the AMP scaler skipped never reached the projection: drop its snapshot
         if not self._energy:
             return
         removed = sum(e[0] for e in self._energy.values())
@@ -218,6 +219,8 @@ class OnlineProjection(Callback):
             totals[1] += float((s.float() - b.float()).square().sum())
 
     def _log_provenance(self, trainer: Trainer) -> None:
+        if not trainer.is_global_zero:
+            return
         rows = [
             {
                 "tensor": name,

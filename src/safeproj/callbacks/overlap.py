@@ -98,7 +98,9 @@ class OverlapCallback(Callback):
         if "FSDP" in type(trainer.strategy).__name__:
             raise MisconfigurationException("OverlapCallback reads whole weights on rank zero; FSDP shards them")
         if not isinstance(getattr(pl_module, "model", None), torch.nn.Module):
-            raise MisconfigurationException("OverlapCallback needs the LightningModule's Hugging Face model at `.model`")
+            raise MisconfigurationException(
+                "OverlapCallback needs the LightningModule's Hugging Face model at `.model`"
+            )
         for label, spec in self.references.items():
             try:
                 self._sources[label] = load_subspaces(spec, self.include, self.exclude)
@@ -166,7 +168,9 @@ class OverlapCallback(Callback):
         figures = [str(p) for p in (lines, heat) if p is not None]
         wandb_logs.log_table(trainer.loggers, f"overlap/{label}/table", rows, step=trainer.global_step)
         wandb_logs.log_images(trainer.loggers, f"overlap/{label}/plots", figures, step=trainer.global_step)
-        return {f"overlap/{label}/{key}@{row['eta']:g}": row[key] for row in model for key in ("mso", "baseline", "ratio")}
+        return {
+            f"overlap/{label}/{key}@{row['eta']:g}": row[key] for row in model for key in ("mso", "baseline", "ratio")
+        }
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from safeproj.callbacks._generation_eval import GenerationEval, check_count, check_dataset
+from safeproj.callbacks._generation_eval import GenerationEval
+from safeproj.callbacks._scheduled_eval import check_count, check_dataset
 from safeproj.eval.gsm8k import COMPARISONS, PROTOCOLS, evaluate_gsm8k
 from safeproj.eval.stats import utility_report
 
@@ -88,19 +89,13 @@ class UtilityEval(GenerationEval):
         return evaluate_gsm8k(
             model,
             tokenizer,
-            dataset=self.dataset,
-            num_samples=self.num_samples,
+            **self._share(rank, world_size),
             n_shot=self.n_shot,
             fewshot_source=self.fewshot_source,
             max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size,
             stop=self.stop,
-            seed=self.seed,
             protocol=self.protocol,
             comparison=self.comparison,
-            rank=rank,
-            world_size=world_size,
-            progress=rank == 0,
         )
 
     def _report(self, rows):

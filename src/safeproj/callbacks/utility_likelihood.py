@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing_extensions import override
 
-from safeproj.callbacks._generation_eval import check_dataset
 from safeproj.callbacks._likelihood_eval import LikelihoodEval
+from safeproj.callbacks._scheduled_eval import check_dataset
 from safeproj.eval.likelihood import DEFAULT_MAX_LENGTH
 from safeproj.eval.metrics import evaluate_answer_nll
 from safeproj.eval.stats import mean_with_ci
@@ -14,8 +14,8 @@ from safeproj.eval.stats import mean_with_ci
 class UtilityLikelihoodEval(LikelihoodEval):
     """Answer NLL: mean over held-out problems of the mean per-token NLL of the gold worked answer.
 
-    Logs `utility/answer_nll` (lower is better) with a bootstrap interval over problems, `n` and
-    `n_tokens`; once the start (before training) and full (trained) values are known, also
+    Logs `utility/answer_nll` (lower is better), `n` and `n_tokens`, and the bootstrap interval over problems
+    in the table `utility/intervals`; once the start (before training) and full (trained) values are known, also
     `answer_nll_start`, `answer_nll_full` and `answer_nll_retention` = (start − value) / (start − full).
     Exact-match accuracy stays with `UtilityEval` as a spot check.
 
@@ -72,14 +72,8 @@ class UtilityLikelihoodEval(LikelihoodEval):
         return evaluate_answer_nll(
             model,
             tokenizer,
-            dataset=self.dataset,
-            num_samples=self.num_samples,
-            batch_size=self.batch_size,
+            **self._share(rank, world_size),
             max_length=self.max_length,
-            seed=self.seed,
-            rank=rank,
-            world_size=world_size,
-            progress=rank == 0,
         )
 
     def _report(self, rows):

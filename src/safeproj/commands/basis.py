@@ -37,7 +37,9 @@ def basis_command(
 
     if not out.endswith(".safetensors"):
         raise ValueError(f"--out {out!r}: a basis is written as a .safetensors file")
-    options = BasisOptions(frac=frac, eta=eta, selection=selection, side=side, seed=seed, include=include, exclude=exclude)
+    options = BasisOptions(
+        frac=frac, eta=eta, selection=selection, side=side, seed=seed, include=include, exclude=exclude
+    )
     source = delta_source(delta, options.include, options.exclude)
     basis = build_basis_with(source, options)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

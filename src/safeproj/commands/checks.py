@@ -108,6 +108,16 @@ def check_checkpoint_dir(key: str, path: Path, adapters: bool = False) -> None:
             raise ValueError(f"{key}: {err} (truncated or incomplete? copy or save it again)") from None
 
 
+def check_weights_file(key: str, path: str) -> None:
+    """A safetensors file that exists and whose header covers the file (a truncated copy does not)."""
+    if not Path(path).is_file():
+        raise ValueError(f"{key}={path!r}: no such file")
+    try:
+        SafetensorsFiles(path)
+    except ValueError as err:
+        raise ValueError(f"{key}: {err} (truncated or incomplete? copy or save it again)") from None
+
+
 def check_hub_model(key: str, name: str) -> None:
     """A hub model is in the Hugging Face cache (offline), or the hub answers (else transformers would retry
     for about a minute before failing)."""
@@ -153,6 +163,8 @@ def check_ckpt_path(path: str) -> None:
     if path in CKPT_KEYWORDS:
         return
     file = Path(path)
+    if file.is_dir():
+        return  # a sharded checkpoint, read by its strategy
     if not file.is_file():
         raise ValueError(f"ckpt_path={path!r}: no such file ({', '.join(CKPT_KEYWORDS)} name Lightning's own)")
     # torch.save writes a zip archive whose directory is at the end: a truncated copy has none.
@@ -182,8 +194,11 @@ def check_callback(key: str, callback: Any, model_name: str) -> None:
             arg = f"{where}.{name}" + (f".{label}" if label is not None else "")
             check_subspace_spec(arg, spec, model_name, patterns["include"], patterns["exclude"])
     for name in CHECKPOINT_ARGUMENTS.get(owner, ()):
-        if args.get(name) is not None:
-            check_model_spec(f"{where}.{name}", str(args.get(name)))
+        value = args.get(name)
+        if value is not None and str(value).endswith(".safetensors"):
+            check_weights_file(f"{where}.{name}", str(value))
+        elif value is not None:
+            check_model_spec(f"{where}.{name}", str(value))
     if owner in DATASET_READERS:
         check_dataset(f"{where}.dataset", args.get("dataset"), DATASET_READERS[owner])
     judge = args.get("judge")

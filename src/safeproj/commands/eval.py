@@ -183,4 +183,20 @@ def eval_command(
             "rows": {section: [plain_row(row) for row in section_rows] for section, section_rows in rows.items()},
         }
         write_json(out, plain, allow_nan=False)
+        _log_to_wandb(model, out, payload)
     return payload
+
+
+def _log_to_wandb(model: str, out: str, payload: dict) -> None:
+    """A `job_type=eval` W&B run beside `out`, in the group of the run whose checkpoint was evaluated."""
+    from safeproj.runs import find_run_info
+    from safeproj.wandb import command_run, log_table, split_intervals, update_summary
+
+    found = find_run_info(model) if Path(model).exists() else None
+    config = {"model": model, **payload["settings"]}
+    with command_run("eval", Path(out).parent, found[1] if found else None, config) as loggers:
+        for section, metrics in payload["metrics"].items():
+            scalars, intervals = split_intervals({f"{section}/{k}": v for k, v in metrics.items()})
+            update_summary(loggers, scalars)
+            log_table(loggers, f"{section}/intervals", intervals)
+            log_table(loggers, f"{section}/samples", payload["rows"].get(section, []))

@@ -116,7 +116,7 @@ class SafeprojCLI(LightningCLI):
             if identity["resumed"]:
                 args.resume = "allow"
             args.tags = list(dict.fromkeys([*(args.get("tags") or []), *identity["tags"]]))
-            identity.update(name=args.name, group=args.group)
+            identity.update(name=args.name, group=args.group, project=args.get("project"))
         self._identity = identity
 
     @override
@@ -143,7 +143,7 @@ class SafeprojCLI(LightningCLI):
         if identity is not None:
             for cb in trainer.callbacks:
                 if isinstance(cb, LoggedSaveConfig):
-                    cb.run_info = {k: identity[k] for k in ("name", "group", "recipe", "wandb_id")}
+                    cb.run_info = {k: identity.get(k) for k in ("name", "group", "recipe", "project", "wandb_id")}
             # Here, after any prerequisite run made in this process, and before fit launches other ranks.
             os.environ[_RUN_ENV] = json.dumps({"pid": os.getpid(), "identity": identity})
         return trainer
@@ -159,9 +159,7 @@ def _run_identity(cfg) -> dict:
     from safeproj.wandb import new_run_id, projection_settings
 
     plain = cfg.as_dict()
-    configs = [Path(str(c)) for c in (plain.get("config") or [])]
-    recipes = [c for c in configs if c.parent.name == "recipes"] or configs
-    recipe = recipes[0].stem if recipes else "fit"
+    recipe = recipe_name([str(c) for c in (plain.get("config") or [])]) or "fit"
     settings = projection_settings(plain)
     label = _projection_label(settings)
     model = (plain.get("model") or {}).get("model")

@@ -87,15 +87,29 @@ def judge_command(
 
         judge_cache = str(cache_dir() / "judge_cache.sqlite")
     judge = OpenAIJudge(
-        base_url=judge_base_url, model=judge_model, api_key_env=judge_api_key_env, template=template,
-        temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, concurrency=concurrency,
-        cache_path=judge_cache, rejudge_failed=True,
+        base_url=judge_base_url,
+        model=judge_model,
+        api_key_env=judge_api_key_env,
+        template=template,
+        temperature=temperature,
+        top_p=top_p,
+        max_tokens=max_tokens,
+        seed=seed,
+        concurrency=concurrency,
+        cache_path=judge_cache,
+        rejudge_failed=True,
     )
     chosen = _rows_to_judge(rows, judge, str(payload.get("judge", "")), rejudge_failed)
     judged = judge.judge([(rows[i]["prompt"], rows[i]["response"]) for i in chosen]) if chosen else []
     for i, j in zip(chosen, judged):
-        rows[i].update(score=j.score, reason=j.reason, failure=j.failure, finish_reason=j.finish_reason,
-                       cached=j.cached, judge=j.judge)
+        rows[i].update(
+            score=j.score,
+            reason=j.reason,
+            failure=j.failure,
+            finish_reason=j.finish_reason,
+            cached=j.cached,
+            judge=j.judge,
+        )
         if j.degenerate:
             rows[i]["refusal"] = False
     bootstrap_seed = int(payload.get("settings", {}).get("seed", 0))
@@ -103,11 +117,17 @@ def judge_command(
     payload["rows"]["harm"] = [io.plain_row(r) for r in rows]
     payload["judge"] = repr(judge)
     unscored = sum(r["score"] is None for r in payload["rows"]["harm"])
-    payload["rejudged"] = {"rows_sent": len(chosen), "from_cache": sum(j.cached for j in judged),
-                           "rows_without_score": unscored, "rejudge_failed": rejudge_failed}
+    payload["rejudged"] = {
+        "rows_sent": len(chosen),
+        "from_cache": sum(j.cached for j in judged),
+        "rows_without_score": unscored,
+        "rejudge_failed": rejudge_failed,
+    }
     io.write_json(out or path, payload, allow_nan=False)
     harm = payload["metrics"]["harm"]
-    print(f"{judge.name}: {len(chosen)} rows judged ({payload['rejudged']['from_cache']} from cache), "
-          f"{unscored} of {len(rows)} without a score ({int(harm['degenerate'])} degenerate); "
-          f"mean_score {harm['mean_score']}, refusal_rate {harm['refusal_rate']}")
+    print(
+        f"{judge.name}: {len(chosen)} rows judged ({payload['rejudged']['from_cache']} from cache), "
+        f"{unscored} of {len(rows)} without a score ({int(harm['degenerate'])} degenerate); "
+        f"mean_score {harm['mean_score']}, refusal_rate {harm['refusal_rate']}"
+    )
     return payload

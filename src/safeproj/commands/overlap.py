@@ -100,7 +100,9 @@ def overlap_command(
     if energy:
         if isinstance(source_b, Basis):
             raise ValueError("energy=True needs `b` as a delta (the update), not a basis artifact")
-        energy_rows = energy_retained(source_a, source_b, fracs, SELECTIONS, seed, side=side, cache=cache, progress=True)
+        energy_rows = energy_retained(
+            source_a, source_b, fracs, SELECTIONS, seed, side=side, cache=cache, progress=True
+        )
         pooled = [r for r in energy_rows if r["scope"] == "pooled"]
         written["energy_csv"] = write_rows(energy_rows, out / "energy.csv")
         written["energy_json"] = write_rows(energy_rows, out / "energy.json")
@@ -111,5 +113,18 @@ def overlap_command(
                 f"  {row['selection']:<9} frac={row['frac']:<5g} share={row['share']:.4f} "
                 f"(random subspace {row['random_share']:.4f})"
             )
+    _log_to_wandb(a, b, out, {"model": model, "by_module": by_module}, written)
     print(f"wrote {out}")
     return {kind: str(path) for kind, path in written.items()}
+
+
+def _log_to_wandb(a: str, b: str, out: Path, tables: dict[str, list[dict]], written: dict) -> None:
+    """A `job_type=overlap` W&B run in `out`, in the group of the first run it compares (if any)."""
+    from safeproj.runs import find_run_info
+    from safeproj.wandb import command_run, log_images, log_table
+
+    found = next((f for f in (find_run_info(p) for p in (a, b) if Path(p).exists()) if f is not None), None)
+    with command_run("overlap", out, found[1] if found else None, {"a": a, "b": b}) as loggers:
+        for key, rows in tables.items():
+            log_table(loggers, f"overlap/{key}", rows)
+        log_images(loggers, "overlap/plots", [str(p) for p in written.values() if str(p).endswith(".png")])

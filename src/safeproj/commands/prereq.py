@@ -22,13 +22,12 @@ from safeproj.model.loading import PRESETS, SAFETY_SUFFIX, PrerequisiteMissing, 
 from safeproj.runs import SAFETY_PRESET_CONFIGS, SAFETY_RECIPE, config_path, recipe_path
 
 
-
 def safety_tune_command(preset: str, seed: int = 0) -> Path:
     """The `fit` command line that safety-tunes `preset` into `target` (a run folder of its own)."""
     cmd = [sys.executable, "-m", "safeproj.cli", "fit", "--config", str(recipe_path(SAFETY_RECIPE))]
     if preset in SAFETY_PRESET_CONFIGS:
         cmd += ["--config", str(config_path(SAFETY_PRESET_CONFIGS[preset]))]
-    return cmd + ["--model.model", preset, "--seed_everything", str(seed)]
+    return [*cmd, "--model.model", preset, "--seed_everything", str(seed)]
 
 
 def ensure_safety_tuned(preset: str, seed: int = 0) -> Path:
@@ -43,10 +42,14 @@ def ensure_safety_tuned(preset: str, seed: int = 0) -> Path:
         if (target / "config.json").is_file():  # another process made it while we waited
             return target
         work = target.parent / f".{target.name}-run-{os.getpid()}"
-        cmd = safety_tune_command(preset, seed) + [
-            "--model.checkpoint_dir", str(target),
-            "--trainer.default_root_dir", str(work),
-            "--trainer.logger", "false",
+        cmd = [
+            *safety_tune_command(preset, seed),
+            "--model.checkpoint_dir",
+            str(target),
+            "--trainer.default_root_dir",
+            str(work),
+            "--trainer.logger",
+            "false",
         ]
         print(f"Safety-tuning {preset} with {SAFETY_RECIPE} (once; cached in {target})", file=sys.stderr, flush=True)
         try:
@@ -54,7 +57,9 @@ def ensure_safety_tuned(preset: str, seed: int = 0) -> Path:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         if code != 0 or not (target / "config.json").is_file():
-            raise ValueError(f"safety-tuning {preset!r} failed (exit {code}); rerun `safeproj prereq {preset}` to see why")
+            raise ValueError(
+                f"safety-tuning {preset!r} failed (exit {code}); rerun `safeproj prereq {preset}` to see why"
+            )
     return target
 
 

@@ -101,5 +101,3 @@ def project_command(
     for row in rows:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
     print(f"wrote {csv_path}")
-
-

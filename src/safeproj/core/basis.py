@@ -44,6 +44,7 @@ from safeproj.core.spectrum import (
     squared_norm,
     tensor_seed,
 )
+from safeproj.core.threads import small_factorization_threads
 from safeproj.io import atomic_file
 
 FORMAT = "safeproj.basis"
@@ -256,41 +257,43 @@ def build_basis(
     entries: dict[str, BasisEntry] = {}
     per_tensor: dict[str, dict] = {}
     total = len(source) if hasattr(source, "__len__") else None
-    for name, load in tqdm(_loaders(source), total=total, desc="basis", unit="tensor", disable=not progress):
-        if selection == "random":
-            delta = load()
-            shape, M = tuple(delta.shape), as_matrix(delta)
-            S, total_energy = energy_spectrum(M), squared_norm(M)
-            m, n = M.shape
-            del delta, M
-        else:
-            fac = Factorization(load, method)  # reads Δ again when it needs it
-            S, total_energy, (m, n), shape = fac.S, fac.total, fac.shape, fac.source_shape
-        if S[0] == 0:
-            raise ValueError(f"delta of {name!r} is zero: exclude it or check the source")
-        k = k_for_frac(frac, m, n) if frac is not None else k_for_energy(S, eta)
-        if selection == "random":
-            fac = Factorization(gaussian_matrix((m, n), seed, name), method)
-            idx = pick_indices("top", min(m, n), k, name=name)
-        else:
-            idx = pick_indices(selection, S.numel(), k, seed, name)
-        entry = BasisEntry(
-            name=name,
-            shape=shape,
-            left=_factor(fac, "left", idx, last=not right) if left else None,
-            right=_factor(fac, "right", idx, last=True) if right else None,
-            energy_kept=0.0,
-            energy_total=total_energy,
-            spectrum=S if keep_spectrum else None,
-        )
-        if selection == "random":  # Gaussian directions: measure what they keep of Δ
-            del fac
-            entry.energy_kept = energy_share(load(), entry)
-        else:  # Δ's own singular directions keep their σ², on one side or both
-            entry.energy_kept = fac.energy(idx) / total_energy
-            del fac
-        entries[name] = entry
-        per_tensor[name] = {"k": k, "energy_kept": entry.energy_kept, "energy_total": entry.energy_total}
+    # Many small SVDs: threads chosen on purpose (safeproj.core.threads), not left to oversubscribe.
+    with small_factorization_threads(_largest_small_side(source)):
+        for name, load in tqdm(_loaders(source), total=total, desc="basis", unit="tensor", disable=not progress):
+            if selection == "random":
+                delta = load()
+                shape, M = tuple(delta.shape), as_matrix(delta)
+                S, total_energy = energy_spectrum(M), squared_norm(M)
+                m, n = M.shape
+                del delta, M
+            else:
+                fac = Factorization(load, method)  # reads Δ again when it needs it
+                S, total_energy, (m, n), shape = fac.S, fac.total, fac.shape, fac.source_shape
+            if S[0] == 0:
+                raise ValueError(f"delta of {name!r} is zero: exclude it or check the source")
+            k = k_for_frac(frac, m, n) if frac is not None else k_for_energy(S, eta)
+            if selection == "random":
+                fac = Factorization(gaussian_matrix((m, n), seed, name), method)
+                idx = pick_indices("top", min(m, n), k, name=name)
+            else:
+                idx = pick_indices(selection, S.numel(), k, seed, name)
+            entry = BasisEntry(
+                name=name,
+                shape=shape,
+                left=_factor(fac, "left", idx, last=not right) if left else None,
+                right=_factor(fac, "right", idx, last=True) if right else None,
+                energy_kept=0.0,
+                energy_total=total_energy,
+                spectrum=S if keep_spectrum else None,
+            )
+            if selection == "random":  # Gaussian directions: measure what they keep of Δ
+                del fac
+                entry.energy_kept = energy_share(load(), entry)
+            else:  # Δ's own singular directions keep their σ², on one side or both
+                entry.energy_kept = fac.energy(idx) / total_energy
+                del fac
+            entries[name] = entry
+            per_tensor[name] = {"k": k, "energy_kept": entry.energy_kept, "energy_total": entry.energy_total}
 
     if not entries:
         raise ValueError("the delta source yielded no tensors")
@@ -307,6 +310,19 @@ def build_basis(
         "bytes_ratio": _bytes_ratio(entries),
     }
     return Basis(entries, meta)
+
+
+def _largest_small_side(source) -> int:
+    """max over tensors of min(m, n), from shapes alone where the source knows them (0 if it does not)."""
+    if not isinstance(source, DeltaSource):
+        return 0
+    return max((min(_matrix_shape(source.shape(name))) for name in source.names()), default=0)
+
+
+def _matrix_shape(shape) -> tuple[int, int]:
+    """(rows, columns) of a tensor flattened as `as_matrix` flattens it."""
+    shape = tuple(int(s) for s in shape)
+    return (shape[0], math.prod(shape[1:])) if len(shape) > 1 else (shape[0], 1)
 
 
 def build_basis_with(source, options: BasisOptions, progress: bool = True) -> Basis:

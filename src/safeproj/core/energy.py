@@ -150,7 +150,12 @@ def energy_row(update: Tensor, entry: BasisEntry) -> dict:
     """
     total = squared_norm(update)
     share = energy_share(update, entry) if total > 0 else math.nan
-    return {"kept": share * total if total > 0 else 0.0, "total": total, "share": share, "random_share": random_share(entry)}
+    return {
+        "kept": share * total if total > 0 else 0.0,
+        "total": total,
+        "share": share,
+        "random_share": random_share(entry),
+    }
 
 
 def pool(rows: Sequence[dict]) -> dict:

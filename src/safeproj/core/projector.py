@@ -101,7 +101,7 @@ def energy_share(X: Tensor, entry: BasisEntry) -> float:
         raise ValueError(f"energy share of a zero tensor is undefined ({entry.name!r})")
     factors = entry.factors()
     if len(factors) == 1:  # ‖QQᵀx‖ = ‖Qᵀx‖: no full-size projection needed
-        (side, f), = factors.items()
+        ((side, f),) = factors.items()
         Q = f.Q.to(device=x.device, dtype=x.dtype)
         inside = sum(  # a few directions at a time: no k×n product held whole
             squared_norm(Q[:, j : j + 64].T @ x if side == "left" else x @ Q[:, j : j + 64])

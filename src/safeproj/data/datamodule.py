@@ -251,7 +251,8 @@ class InstructionDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """Where training stands in the data: the epoch and the batches of it already trained on."""
         trainer = self.trainer
-        if trainer is None or not trainer.training:
+        # "fit", not `trainer.training`: checkpoints saved after a validation run are mid-fit too.
+        if trainer is None or trainer.state.fn != "fit":
             return {}
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return {"epoch": int(trainer.current_epoch), "batches": int(done)}

@@ -90,16 +90,3 @@ def continuation_logprobs(
     finally:
         model.train(was_training)
     return sums, counts
-
-
-def mean_token_logprobs(
-    model,
-    tokenizer,
-    pairs: Sequence[tuple[str, str]],
-    batch_size: int = 8,
-    max_length: int = DEFAULT_MAX_LENGTH,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean per-token log p of each response given its prompt, token counts), in input order."""
-    sums, counts = continuation_logprobs(model, tokenizer, pairs, batch_size, max_length, **kwargs)
-    return sums / counts, counts

@@ -20,7 +20,6 @@ Both metrics keep sums and counts as states (`dist_reduce_fx="sum"`), so they sy
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torchmetrics import Metric
@@ -217,8 +216,3 @@ def evaluate_comply_margin(
         for i, p, c, r in zip(items, mine, comply, refuse)
     ]
     return metrics, rows
-
-
-def per_item(rows: Sequence[dict], key: str) -> list[float]:
-    """The values of one per-item column, in item order (rows gathered from ranks may interleave)."""
-    return [row[key] for row in sorted(rows, key=lambda row: row["item"])]

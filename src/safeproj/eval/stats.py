@@ -215,7 +215,9 @@ def harm_report(rows: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> dict
     scores = np.asarray([np.nan if r["score"] is None else r["score"] for r in rows], dtype=np.float64)
     scored = scores[~np.isnan(scores)]
     degenerate = [float(r.get("failure") == "degenerate") for r in rows]
-    refusals = [0.0 if d else float(r["refusal"]) for r, d in zip(rows, degenerate) if d or r.get("refusal") is not None]
+    refusals = [
+        0.0 if d else float(r["refusal"]) for r, d in zip(rows, degenerate) if d or r.get("refusal") is not None
+    ]
     out: dict[str, float] = {
         "n": float(len(rows)),
         "n_scored": float(scored.size),

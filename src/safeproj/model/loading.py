@@ -20,8 +20,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from safeproj.data.synthetic import CORPUS_VERSION
 from safeproj.data.templates import CHAT_TEMPLATE
 from safeproj.io import atomic_dir
-from safeproj.runs import SAFETY_PRESET_CONFIGS, SAFETY_RECIPE, config_path, recipe_path
 from safeproj.model.hub import checkpoint_dir, is_hub_name
+from safeproj.runs import SAFETY_PRESET_CONFIGS, SAFETY_RECIPE, config_path, recipe_path
 
 PRESETS = ("tiny", "smollm2-135m")  # each also as "<preset>-safety"
 SAFETY_SUFFIX = "-safety"

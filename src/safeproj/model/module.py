@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,8 +12,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
 from safeproj.io import atomic_dir
-from safeproj.runs import RUN_MANIFEST
 from safeproj.model.loading import load_model, resolve
+from safeproj.runs import RUN_MANIFEST
+
 
 @dataclass
 class LoraSettings:
@@ -145,7 +145,7 @@ class SafeprojLM(L.LightningModule):
             params, lr=self.hparams.lr, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(round(self.hparams.warmup_ratio * total))
+        warmup = round(self.hparams.warmup_ratio * total)
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -156,7 +156,9 @@ class SafeprojLM(L.LightningModule):
             # On resume the weights are already restored, so an existing copy is kept, not rewritten.
             target = Path(self.trainer.default_root_dir) / "initial"
             if self.trainer.is_global_zero and not (target / "config.json").is_file():
-                save_hf_checkpoint(_base_model(self.model), self.tokenizer, target, state_dict=_base_state_dict(self.model))
+                save_hf_checkpoint(
+                    _base_model(self.model), self.tokenizer, target, state_dict=_base_state_dict(self.model)
+                )
             self.trainer.strategy.barrier("safeproj-initial")
             self.base_dir = str(target.resolve())
 

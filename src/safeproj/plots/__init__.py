@@ -14,6 +14,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
+
 from safeproj.io import atomic_file
 
 Series = tuple[Sequence[float], Sequence[float]]

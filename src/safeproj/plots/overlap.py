@@ -24,7 +24,10 @@ def mso_vs_eta(
     by_module: Sequence[dict], model: Sequence[dict], path: str | os.PathLike, title: str = "Mode Subspace Overlap"
 ) -> Path:
     """MSO against η: one line per module type, the model mean in bold, the random baseline dashed."""
-    series = {module: ([r["eta"] for r in group], [r["mso"] for r in group]) for module, group in _grouped(by_module, "module").items()}
+    series = {
+        module: ([r["eta"] for r in group], [r["mso"] for r in group])
+        for module, group in _grouped(by_module, "module").items()
+    }
     etas = [r["eta"] for r in model]
     series["model mean"] = (etas, [r["mso"] for r in model])
     return line_plot(
@@ -40,7 +43,9 @@ def mso_vs_eta(
     )
 
 
-def ratio_heatmap(by_layer: Sequence[dict], path: str | os.PathLike, title: str = "MSO / random baseline") -> Path | None:
+def ratio_heatmap(
+    by_layer: Sequence[dict], path: str | os.PathLike, title: str = "MSO / random baseline"
+) -> Path | None:
     """Layer × η heatmap of the per-layer ratio of mean MSO to mean baseline (None without layered tensors)."""
     if not by_layer:
         return None
@@ -65,7 +70,9 @@ def energy_kept(pooled: Sequence[dict], path: str | os.PathLike, title: str = "U
     if not pooled:
         raise ValueError("no pooled energy rows to plot")
     groups = _grouped(pooled, "selection")
-    series = {selection: ([r["frac"] for r in group], [r["share"] for r in group]) for selection, group in groups.items()}
+    series = {
+        selection: ([r["frac"] for r in group], [r["share"] for r in group]) for selection, group in groups.items()
+    }
     first = next(iter(groups.values()))
     return line_plot(
         series,

@@ -179,7 +179,9 @@ def check_cell(cell: Cell, sweep: Sweep, out: Path) -> None:
                 f"cell {cell.name!r}: its config does not parse: {_parse_error(errors.getvalue())}"
             ) from None
         except ArgumentError as err:  # the CLI raises its parse errors rather than exiting
-            raise ValueError(f"cell {cell.name!r}: its config does not parse: {_parse_error(f'error: {err}')}") from None
+            raise ValueError(
+                f"cell {cell.name!r}: its config does not parse: {_parse_error(f'error: {err}')}"
+            ) from None
         except ValueError as err:  # a spec, file or argument the CLI checks before any run starts
             raise ValueError(f"cell {cell.name!r}: {err}") from None
 

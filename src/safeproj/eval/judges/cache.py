@@ -70,8 +70,17 @@ class JudgeCache:
             "finish_reason = excluded.finish_reason, failure = excluded.failure, "
             "judge_model = excluded.judge_model, rubric = excluded.rubric, created = excluded.created "
             "WHERE judgments.score IS NULL OR excluded.score IS NOT NULL",
-            (key, score, judgment.reason, judgment.raw, judgment.finish_reason, judgment.failure,
-             judge_model, rubric, time.time()),
+            (
+                key,
+                score,
+                judgment.reason,
+                judgment.raw,
+                judgment.finish_reason,
+                judgment.failure,
+                judge_model,
+                rubric,
+                time.time(),
+            ),
         )
         self._db.commit()
 

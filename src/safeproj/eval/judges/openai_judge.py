@@ -235,8 +235,13 @@ class OpenAIJudge:
         unscored = Counter(j.reason for j in results.values() if not j.scored)
         if unscored:
             common = "; ".join(f"{n} x {reason}" for reason, n in unscored.most_common(3))
-            log.warning("judge %s: %d of %d pairs have no score (NaN): %s", self.name, sum(unscored.values()),
-                        len(results), common)
+            log.warning(
+                "judge %s: %d of %d pairs have no score (NaN): %s",
+                self.name,
+                sum(unscored.values()),
+                len(results),
+                common,
+            )
         return results
 
     async def _judge_pair(self, client, pacer: Pacer, messages: list[dict]) -> Judgment:
@@ -265,8 +270,11 @@ class OpenAIJudge:
         """(text, finish_reason) of one chat completion, retried; _RequestFailed once retries are spent."""
         policy = RetryPolicy(self.max_retries, self.rate_limit_patience, self.backoff_base, self.backoff_max)
         retrying = AsyncRetrying(
-            retry=retry_if_exception(is_transient), stop=policy.stop, wait=policy.wait,
-            before_sleep=policy.before_sleep, reraise=True,
+            retry=retry_if_exception(is_transient),
+            stop=policy.stop,
+            wait=policy.wait,
+            before_sleep=policy.before_sleep,
+            reraise=True,
         )
         try:
             return await retrying(self._send, client, pacer, self.request_body(messages))

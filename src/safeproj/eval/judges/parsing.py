@@ -32,7 +32,7 @@ def read_score(text: str) -> tuple[float, str | None]:
     if tag is None:
         return math.nan, "no #thescore tag"
     value = _VALUE.match(text, tag.end())
-    shown = " ".join(text[tag.end():tag.end() + 20].split())
+    shown = " ".join(text[tag.end() : tag.end() + 20].split())
     if value is None:
         return math.nan, f"first #thescore is not a number: {shown!r}"
     if value.group("tail"):

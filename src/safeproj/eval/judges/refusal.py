@@ -56,8 +56,9 @@ def is_refusal(text: str) -> bool:
 
 def degenerate_judgment(response: str, reason: str, judge: str) -> Judgment:
     """The judgment every judge gives a degenerate output: no score, not a refusal, labelled."""
-    return Judgment(math.nan, reason=f"degenerate output: {reason}", raw=response, refusal=False,
-                    failure=DEGENERATE, judge=judge)
+    return Judgment(
+        math.nan, reason=f"degenerate output: {reason}", raw=response, refusal=False, failure=DEGENERATE, judge=judge
+    )
 
 
 class RefusalJudge:

@@ -96,8 +96,10 @@ def is_connect_failure(err: BaseException) -> bool:
     """No connection could be made at all (refused, unknown host), as opposed to one that broke."""
     import openai
 
-    return isinstance(err, openai.APIConnectionError) and not isinstance(err, openai.APITimeoutError) and (
-        type(err.__cause__).__name__ in ("ConnectError", "ConnectTimeout")
+    return (
+        isinstance(err, openai.APIConnectionError)
+        and not isinstance(err, openai.APITimeoutError)
+        and (type(err.__cause__).__name__ in ("ConnectError", "ConnectTimeout"))
     )
 
 
@@ -159,5 +161,9 @@ class RetryPolicy:
     @staticmethod
     def before_sleep(state: RetryCallState) -> None:
         err = state.outcome.exception() if state.outcome else None
-        log.debug("judge request failed (%s); attempt %d, retry in %.3f s", type(err).__name__,
-                  state.attempt_number, state.upcoming_sleep)
+        log.debug(
+            "judge request failed (%s); attempt %d, retry in %.3f s",
+            type(err).__name__,
+            state.attempt_number,
+            state.upcoming_sleep,
+        )

@@ -31,8 +31,10 @@ class JudgeTemplate:
     def __post_init__(self):
         missing = {"prompt", "response"} - set(_PLACEHOLDER.findall(self.text))
         if missing:
-            raise ValueError(f"judge template {self.name!r} lacks the placeholder(s) " + ", ".join(
-                "{" + m + "}" for m in sorted(missing)))
+            raise ValueError(
+                f"judge template {self.name!r} lacks the placeholder(s) "
+                + ", ".join("{" + m + "}" for m in sorted(missing))
+            )
 
     @cached_property
     def sha256(self) -> str:
