@@ -72,6 +72,9 @@ class WandbLogger(_LightningWandbLogger):
         super().__init__(
             project=project, save_dir=save_dir, offline=offline, group=group, tags=tags, name=name, id=id, **kwargs
         )
+        # Lightning always passes `anonymous`, which current wandb only answers with a deprecation warning.
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
 
     @property
     def experiment(self):

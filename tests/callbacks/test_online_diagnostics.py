@@ -81,6 +81,17 @@ class ConfigRecordingWandb(RecordingWandb):
         return SimpleNamespace(config=self.stored)
 
 
+@pytest.mark.parametrize("keep, expected", [("parallel", 1.0), ("orthogonal", 0.0)])
+def test_cumulative_share_shows_the_whole_update_inside_or_outside_the_subspace(tmp_path, keep, expected):
+    logger = MemoryLogger()
+    module = TinyLM(optimizer="adamw", lr=1e-2)
+    random_basis(module.model, tmp_path / "b.safetensors", frac=0.5)
+    cb = OnlineProjection(str(tmp_path / "b.safetensors"), keep=keep, on="update", log_every_n_steps=2)
+    trainer(tmp_path, 4, [cb], logger=logger).fit(module, loader(4))
+    shares = [m["projection/cumulative_share"] for _, m in logger.keyed("projection/cumulative_share")]
+    assert len(shares) == 2 and shares == pytest.approx([expected] * 2, abs=1e-5)
+
+
 def test_basis_provenance_is_one_table_with_k_and_kept_energy_per_tensor(tmp_path):
     module = TinyLM()
     basis = random_basis(module.model, tmp_path / "b.safetensors", frac=0.25)

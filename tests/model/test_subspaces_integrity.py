@@ -7,7 +7,7 @@ from helpers.corrupt import flip_bit
 from safeproj.core.basis import Basis
 from safeproj.core.options import BasisOptions
 from safeproj.model.loading import cache_dir, tiny_dir
-from safeproj.model.subspaces import resolve_basis
+from safeproj.model.subspaces import basis_file, resolve_basis
 
 NAME = "model.layers.0.self_attn.q_proj.weight"
 
@@ -32,3 +32,14 @@ def test_corrupt_basis_file_is_refused(tmp_path):
     flip_bit(path, f"{NAME}::left")
     with pytest.raises(ValueError, match=rf"^cannot read basis file {path}: tensor {NAME}::left does not match"):
         resolve_basis(str(path), BasisOptions(frac=0.25))
+
+
+def test_a_resolved_basis_names_the_file_it_was_read_from(tmp_path):
+    spec, options = f"{tiny_dir(1)},{tiny_dir(0)}", BasisOptions(frac=0.5, seed=3)
+    before = set((cache_dir() / "bases").glob("*.safetensors"))
+    built = resolve_basis(spec, options, progress=False)
+    (cached,) = set((cache_dir() / "bases").glob("*.safetensors")) - before
+    assert basis_file(built) == str(cached.resolve())
+    artifact = tmp_path / "copy.safetensors"
+    built.save(artifact)
+    assert basis_file(resolve_basis(str(artifact), options, progress=False)) == str(artifact.resolve())

@@ -13,11 +13,12 @@ from typing_extensions import override
 
 from safeproj.callbacks._options import basis_options, check_option, misconfigured
 from safeproj.core.basis import Basis
+from safeproj.core.energy import energy_row, pool
 from safeproj.core.names import parse_name
 from safeproj.core.options import KEEPS, BasisSide, Keep, Selection
 from safeproj.core.projector import project, project_left, project_right
 from safeproj.core.targets import Target, find_targets
-from safeproj.model.subspaces import expand_spec, resolve_basis
+from safeproj.model.subspaces import basis_file, expand_spec, resolve_basis
 from safeproj.runs import content_sha256
 from safeproj.wandb import log_table, update_config
 
@@ -49,8 +50,10 @@ class OnlineProjection(Callback):
             (ignored when `subspace` is an artifact).
         log_every_n_steps: every this many optimizer steps, log `projection/removed_share` (the share of
             the step's update energy, ‖u − P·u‖²/‖u‖², that projection removed; of the gradient in grad
-            mode) overall and per module type (`projection/removed_share/<type>`); 0 turns it off. Each
-            measured step holds one extra copy of the projected weights (update mode) while it runs.
+            mode) overall and per module type (`projection/removed_share/<type>`), and in update mode
+            `projection/cumulative_share` (the run's whole update inside range(P): 1 for parallel, 0 for
+            orthogonal); 0 turns it off. Each measured step holds one extra copy of the projected weights
+            (update mode) while it runs.
 
     Logs once at fit start the table `projection/basis` (k and kept energy per tensor) and, in the W&B
     config, the basis file and its SHA-256 when `subspace` is a basis file.
@@ -172,6 +175,8 @@ class OnlineProjection(Callback):
         for module, (r, t) in sorted(self._energy.items()):
             metrics[f"projection/removed_share/{module}"] = r / t if t > 0 else 0.0
         self._energy = {}
+        if self.on == "update":  # grad mode keeps no W₀, so its cumulative update is not at hand
+            metrics["projection/cumulative_share"] = self.cumulative_share()
         # Straight to the loggers: `pl_module.log` would drop values on steps Lightning does not log.
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
@@ -211,6 +216,16 @@ class OnlineProjection(Callback):
                 self._add_energy(t.name, stepped, [p.detach() for p in _tensors(t)], before)
         self._measuring = False
 
+    @torch.no_grad()
+    def cumulative_share(self) -> float:
+        """‖P(W − W₀)‖² / ‖W − W₀‖² pooled over the targets: 1 for keep="parallel", 0 for "orthogonal"
+        up to rounding, so it shows the projection holding (update mode; NaN before any update)."""
+        rows = []
+        for t in self.targets:
+            update = t.delta_weight() if t.is_lora else t.weight.float() - self._initial[t.name].float()
+            rows.append(energy_row(update, self.basis.entries[t.name]))
+        return pool(rows)["share"]
+
     def _add_energy(self, name: str, stepped: list, projected: list, before: list) -> None:
         """Adds ‖stepped − projected‖² (removed) and ‖stepped − before‖² (the update) to `name`'s module type."""
         totals = self._energy.setdefault(parse_name(name)[1], [0.0, 0.0])
@@ -233,8 +248,8 @@ class OnlineProjection(Callback):
             for name, e in sorted(self.basis.entries.items())
         ]
         log_table(trainer.loggers, "projection/basis", rows)
-        if self.subspace.endswith(".safetensors") and Path(self.subspace).is_file():
-            path = str(Path(self.subspace).resolve())
+        path = basis_file(self.basis)  # the artifact named, or the cache entry built from a delta spec
+        if path is not None and Path(path).is_file():
             update_config(
                 trainer.loggers, {"projection.basis_file": path, "projection.basis_sha256": content_sha256(path)}
             )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from safeproj.core.activations import DEFAULT_ETAS, check_test_size
 from safeproj.model.activations import context_length, decoder_layers, pad_token_id, prepare_prompt_sets, resolve_layers
 from safeproj.model.recordings import (
@@ -105,4 +107,18 @@ def activations_command(
     files = write_report(report, out_dir)
     print(summary_table(report, eta=0.5 if 0.5 in etas else etas[len(etas) // 2]))
     print("wrote " + ", ".join(str(p) for p in files.values()))
+    _log_to_wandb(model if record else None, out_dir, report, files, {"steps": steps, "etas": etas, "basis": basis})
     return report
+
+
+def _log_to_wandb(model: str | None, out_dir: str, report: dict, files: dict, settings: dict) -> None:
+    """A `job_type=activations` W&B run in `out_dir`, in the group of the run that holds `model` or `out_dir`."""
+    from safeproj.runs import find_run_info
+    from safeproj.wandb import command_run, log_images, log_table
+
+    paths = [p for p in (model, out_dir) if p is not None and Path(p).exists()]
+    found = next((f for f in map(find_run_info, paths) if f is not None), None)
+    with command_run("activations", out_dir, found[1] if found else None, {"model": model, **settings}) as loggers:
+        for key, rows in report.items():
+            log_table(loggers, f"activations/{key}", rows)
+        log_images(loggers, "activations/plots", [str(p) for p in files.values() if str(p).endswith(".png")])

@@ -101,3 +101,15 @@ def project_command(
     for row in rows:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
     print(f"wrote {csv_path}")
+    settings = {"subspace": subspace, "keep": keep, "side": side, "seed": seed, "fracs": fracs}
+    _log_to_wandb(run, out, rows, {**settings, "selections": selections, "num_samples": num_samples})
+
+
+def _log_to_wandb(run: str, out: Path, rows: list[dict], settings: dict) -> None:
+    """A `job_type=project` W&B run in `out`, in the group of the run it projects (if it has a run.json)."""
+    from safeproj.runs import find_run_info
+    from safeproj.wandb import command_run, log_table
+
+    found = find_run_info(run)
+    with command_run("project", out, found[1] if found else None, {"run": run, **settings}) as loggers:
+        log_table(loggers, "project/posthoc", rows)

@@ -115,11 +115,14 @@ def load_subspaces(spec: str, include=None, exclude=None) -> DeltaSource | Basis
 
 
 def resolve_basis(spec: str, options: BasisOptions, progress: bool = True) -> Basis:
-    """Load a basis artifact, or build (and cache) one from a delta spec."""
+    """Load a basis artifact, or build (and cache) one from a delta spec.
+
+    The basis remembers the file it was read from (`basis_file(basis)`), so provenance can name it.
+    """
     if spec.endswith(".safetensors"):
         if not Path(spec).is_file():
             raise FileNotFoundError(f"basis file {spec} does not exist")
-        return Basis.load(spec)
+        return _loaded(Path(spec))
     source = delta_source(spec, options.include, options.exclude)
     key = hashlib.sha256(
         json.dumps({"source": source.describe(), "options": options.as_dict()}, sort_keys=True).encode()
@@ -129,10 +132,21 @@ def resolve_basis(spec: str, options: BasisOptions, progress: bool = True) -> Ba
     with FileLock(str(path) + ".lock"):
         if path.is_file():
             try:
-                return Basis.load(path)
+                return _loaded(path)
             except ValueError as err:
                 # Only a cache: a corrupt entry (digest or orthonormality) is rebuilt, never used.
                 rank_zero_warn(f"{err}; rebuilding it")
         rank_zero_info(f"Building basis from {spec} ({options.as_dict()}) -> {path}")
         build_basis_with(source, options, progress=progress).save(path)
-    return Basis.load(path)
+    return _loaded(path)
+
+
+def _loaded(path: Path) -> Basis:
+    basis = Basis.load(path)
+    basis.meta["file"] = str(path.resolve())
+    return basis
+
+
+def basis_file(basis: Basis) -> str | None:
+    """The file a resolved basis was read from, or None for one built in memory."""
+    return basis.meta.get("file")

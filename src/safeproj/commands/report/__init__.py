@@ -47,29 +47,19 @@ def pick_metric(runs: Sequence[Run], preference: Sequence[str]) -> str:
 
 
 def log_wandb(out_dir: Path, rows: Sequence[dict[str, Any]], images: Sequence[Path]) -> str | None:
-    """The report's rows as a W&B table and its plots as images, in an offline run unless WANDB_MODE=online."""
-    from safeproj.wandb import wandb_mode
+    """The report's rows as a W&B table and its plots as images, in a `job_type=report` run in `out_dir`."""
+    from safeproj.wandb import command_run, log_images, log_table
 
-    mode = wandb_mode()
-    if mode == "disabled" or not rows:
+    if not rows:
         return None
-    import wandb
-
-    run = wandb.init(
-        project="safeproj",
-        dir=str(out_dir),
-        mode="online" if mode == "online" else "offline",
-        job_type="report",
-        name=f"report-{out_dir.name}",
-        reinit="finish_previous",
-    )
-    try:
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-        table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
-        run.log({"report/rows": table, **{f"report/{p.stem}": wandb.Image(str(p)) for p in images}})
-        return run.dir
-    finally:
-        run.finish()
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with command_run("report", out_dir, config={"report": str(out_dir)}) as loggers:
+        if not loggers:
+            return None
+        log_table(loggers, "report/rows", [{c: row.get(c) for c in columns} for row in rows])
+        for image in images:
+            log_images(loggers, f"report/{Path(image).stem}", [str(image)])
+        return loggers[0].experiment.dir
 
 
 def report_command(

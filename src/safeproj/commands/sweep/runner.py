@@ -1,5 +1,8 @@
 """Running a sweep: one subprocess per cell and seed, a lock on the sweep folder, skip and resume by
-each run's summary.json, the index of finished work, and the after-steps once their runs are done."""
+each run's summary.json, the index of finished work, and the after-steps once their runs are done.
+
+A little over 400 lines: process handling (groups, parent-death signal, per-run locks) and the loop
+that uses it belong together; splitting them would put one half of each protocol in each file."""
 
 from __future__ import annotations
 

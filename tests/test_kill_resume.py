@@ -1,0 +1,140 @@
+"""A fit killed with SIGKILL and resumed from its last Lightning checkpoint ends where an uninterrupted fit
+ends: the same weights bit for bit, the same per-step loss from the resume point, the same W&B run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers.projection import random_basis
+from helpers.wandb_records import offline_runs, read_run
+from safeproj.model.loading import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+STEPS, EVERY = 12, 4
+# The mixed recipe on the tiny preset, cut to online projection only: no evaluation, no validation, and a
+# ModelCheckpoint every EVERY steps (added on the command line).
+OVERRIDES = {
+    "data": {"num_samples": 32, "val_fraction": 0.0, "batch_size": 2, "max_length": 192},
+    "trainer": {
+        "max_steps": STEPS,
+        "val_check_interval": 1.0,
+        "enable_checkpointing": True,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "callbacks": [
+            {
+                "class_path": "safeproj.callbacks.OnlineProjection",
+                "init_args": {"subspace": "BASIS", "keep": "orthogonal", "on": "update", "frac": 0.25},
+            },
+            {"class_path": "safeproj.callbacks.NonFiniteGuard"},
+            {"class_path": "safeproj.callbacks.RunSummary"},
+        ],
+    },
+}
+
+
+def _command(root: Path, run_dir: Path, *extra: str) -> list[str]:
+    checkpoints = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {
+            "dirpath": str(run_dir / "ckpts"),
+            "every_n_train_steps": EVERY,
+            "save_top_k": -1,
+            "save_last": True,
+        },
+    }
+    # fmt: off
+    return [
+        sys.executable, "-m", "safeproj.cli", "fit",
+        "--config", str(ROOT / "recipes" / "mixed.yaml"),
+        "--config", str(ROOT / "configs" / "model" / "tiny.yaml"),
+        "--config", str(root / "short.yaml"),
+        "--model.model", "tiny",
+        "--trainer.callbacks+", json.dumps(checkpoints),
+        "--trainer.default_root_dir", str(run_dir),
+        *extra,
+    ]
+    # fmt: on
+
+
+def _env() -> dict:
+    return {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+
+
+def _fit(root: Path, run_dir: Path, *extra: str) -> None:
+    log = run_dir.with_suffix(".log")
+    with log.open("a") as out:
+        code = subprocess.call(_command(root, run_dir, *extra), env=_env(), stdout=out, stderr=out, timeout=300)
+    assert code == 0, log.read_text()[-3000:]
+
+
+def _killed_and_resumed(root: Path, run_dir: Path, step: int) -> None:
+    """Fit until `step` steps are done, SIGKILL the process there, resume from `last.ckpt`."""
+    marker = root / f"paused-{step}"
+    pause = {"class_path": "helpers.pause.PauseAt", "init_args": {"step": step, "marker": str(marker)}}
+    log = run_dir.with_suffix(".log")
+    with log.open("a") as out:
+        proc = subprocess.Popen(
+            _command(root, run_dir, "--trainer.callbacks+", json.dumps(pause)), env=_env(), stdout=out, stderr=out
+        )
+        try:
+            deadline = time.monotonic() + 240
+            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert marker.exists(), log.read_text()[-3000:]
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=30) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "checkpoint").exists()
+    _fit(root, run_dir, "--ckpt_path", str(run_dir / "ckpts" / "last.ckpt"))
+
+
+def _losses(run_dir: Path) -> list[dict[int, float]]:
+    return [dict(read_run(f).series("train/loss")) for f in offline_runs(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def fits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kill")
+    # A random basis stands in for Δ_S of `tiny`: safety-tuning the preset first would take longer than the test.
+    random_basis(load_model("tiny")[0], root / "basis.safetensors")
+    overrides = yaml.safe_load(yaml.safe_dump(OVERRIDES))
+    overrides["trainer"]["callbacks"][0]["init_args"]["subspace"] = str(root / "basis.safetensors")
+    (root / "short.yaml").write_text(yaml.safe_dump(overrides))
+    _fit(root, root / "whole")
+    _killed_and_resumed(root, root / "boundary", EVERY * 2)  # killed right after the step-8 checkpoint
+    _killed_and_resumed(root, root / "between", EVERY + 2)  # killed two steps past the step-4 checkpoint
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "resumed_at"), [("boundary", EVERY * 2), ("between", EVERY)])
+def test_a_killed_fit_resumes_to_the_same_weights_losses_and_wandb_run(fits, name, resumed_at):
+    whole, run = fits / "whole", fits / name
+    weights = "checkpoint/model.safetensors"
+    assert (run / weights).read_bytes() == (whole / weights).read_bytes()
+    for folder in (whole, run):
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["status"] == "done" and summary["global_step"] == STEPS
+    [reference] = _losses(whole)
+    assert sorted(reference) == list(range(STEPS))
+    killed, resumed = _losses(run)
+    # Every step is in the W&B history: up to the kill in the first part, from the checkpoint in the resumed part.
+    assert sorted(resumed) == list(range(resumed_at, STEPS))
+    assert set(killed) | set(resumed) == set(range(STEPS))
+    assert resumed == {s: reference[s] for s in resumed}
+    assert killed == {s: reference[s] for s in killed}
+    first, second = (read_run(f) for f in offline_runs(run))
+    assert second.id == first.id == json.loads((run / "run.json").read_text())["wandb_id"]
+    assert second.name == first.name and second.group == first.group
