@@ -27,8 +27,11 @@ def wandb_mode() -> str:
 
 
 def new_run_id() -> str:
-    """A fresh W&B run id (stored in the run directory, so a resumed run continues the same W&B run)."""
-    return secrets.token_hex(4)
+    """A fresh W&B run id (stored in the run directory, so a resumed run continues the same W&B run).
+
+    It starts with a letter: an all-hex id such as `92e40428` reads back from YAML as a number.
+    """
+    return "r" + secrets.token_hex(4)
 
 
 class WandbLogger(_LightningWandbLogger):
@@ -68,7 +71,8 @@ class WandbLogger(_LightningWandbLogger):
             kwargs["job_type"] = job_type
         if resume is not None:
             kwargs["resume"] = resume
-        kwargs.setdefault("settings", _settings())
+        if kwargs.get("settings") is None:  # LightningCLI passes an explicit None
+            kwargs["settings"] = _settings()
         super().__init__(
             project=project, save_dir=save_dir, offline=offline, group=group, tags=tags, name=name, id=id, **kwargs
         )

@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from safeproj.callbacks._options import basis_options, check_option, misconfigured
 from safeproj.core.basis import Basis
+from safeproj.core.deltas import RunDelta
 from safeproj.core.energy import energy_row, pool
 from safeproj.core.names import parse_name
 from safeproj.core.options import KEEPS, BasisSide, Keep, Selection
@@ -101,6 +102,7 @@ class OnlineProjection(Callback):
         self._initial: dict[str, torch.Tensor] = {}
         self._hook = None
         self.projected_steps = 0
+        self._resumed = False
         # Diagnostics of the step being measured: weights before it, and removed / total energy per module type.
         self._measuring = False
         self._before: dict[str, list[torch.Tensor]] = {}
@@ -133,14 +135,15 @@ class OnlineProjection(Callback):
             for factor in self.basis.entries[t.name].factors().values():
                 factor.Q = factor.Q.to(device)
         if self.on == "update":
-            self._initial = {t.name: t.weight.detach().clone() for t in self.targets if not t.is_lora}
+            self._initial = self._start_weights(pl_module)
             if len(trainer.optimizers) != 1:
                 raise MisconfigurationException(
                     f"OnlineProjection needs exactly one optimizer, found {len(trainer.optimizers)}"
                 )
             self._hook = trainer.optimizers[0].register_step_post_hook(lambda *_: self._after_step())
-            # Start inside the subspace too (a LoRA B that is not zero).
-            self.project_weights()
+            if not self._resumed:  # restored weights were projected when saved; again would round them anew
+                # Start inside the subspace too (a LoRA B that is not zero).
+                self.project_weights()
         else:
             # Projected gradients keep each factor's change in range, not its random start (LoRA's A):
             # project the factors once, so s·B·A starts, and stays, in the subspace.
@@ -289,13 +292,26 @@ class OnlineProjection(Callback):
         if entry.right is not None and a is not None:
             a.copy_(project_right(a, entry.right, self.keep))
 
+    def _start_weights(self, pl_module: LightningModule) -> dict[str, torch.Tensor]:
+        """W₀ of the plain targets, on their devices. A fresh run takes the weights as they are. A resumed
+        run reads them from the run's start on disk where it has them (SafeprojLM's `base_dir`), so its
+        steps equal the uninterrupted run's bit for bit; elsewhere the restored weights serve: they lie in
+        W₀ + range(P), and every point of it defines the same projection up to rounding."""
+        plain = [t for t in self.targets if not t.is_lora]
+        if not self._resumed:
+            return {t.name: t.weight.detach().clone() for t in plain}
+        run = RunDelta(plain, getattr(pl_module, "base_dir", None))
+        return {t.name: run.start(t.name).to(device=t.weight.device, dtype=t.weight.dtype, copy=True) for t in plain}
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"projected_steps": self.projected_steps, "keep": self.keep, "on": self.on}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callbacks before on_fit_start: this run continues a checkpoint.
         self.projected_steps = int(state_dict.get("projected_steps", 0))
+        self._resumed = True
 
 
 def _tensors(t: Target) -> list[torch.Tensor]:

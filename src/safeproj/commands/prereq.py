@@ -81,7 +81,21 @@ def presets_needed(config: Any) -> list[str]:
                 scan(v)
 
     scan(config)
+    # A bare `safety` subspace means Δ_S of the preset the run starts from.
+    model = (config.get("model") or {}).get("model") if isinstance(config, dict) else None
+    if isinstance(model, str) and _mentions(config, "safety"):
+        found.append(model.removesuffix(SAFETY_SUFFIX))
     return list(dict.fromkeys(p for p in found if p in PRESETS))
+
+
+def _mentions(value: Any, text: str) -> bool:
+    if isinstance(value, str):
+        return value == text
+    if isinstance(value, (list, tuple)):
+        return any(_mentions(v, text) for v in value)
+    if isinstance(value, dict):
+        return any(_mentions(v, text) for v in value.values())
+    return False
 
 
 def ensure_presets(presets: Iterable[str]) -> None:
