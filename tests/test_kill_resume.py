@@ -68,7 +68,10 @@ def _command(root: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    # Without WANDB_SERVICE each fit starts its own W&B service, as a fit from a shell does; a service
+    # shared with this test process would keep the killed fit's run id "in use" for the resumed one.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**env, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
 
 
 def _fit(root: Path, run_dir: Path, *extra: str) -> None:

@@ -17,7 +17,8 @@ HELPERS = Path(__file__).parents[1] / "helpers"
 @pytest.mark.slow
 def test_stalled_rank_ends_the_run_within_the_timeout():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HELPERS.parent), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen([sys.executable, str(HELPERS / "ddp_stall_worker.py"), "5"], env=env,
+    # 20 s: the timeout also bounds rank 1's start-up rendezvous, which takes seconds on a loaded machine.
+    process = subprocess.Popen([sys.executable, str(HELPERS / "ddp_stall_worker.py"), "20"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     stalled_at, output = None, []
     try:

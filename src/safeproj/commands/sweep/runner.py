@@ -163,6 +163,8 @@ def _now() -> str:
 def _env(sweep: Sweep) -> dict[str, str]:
     env = {**os.environ, **sweep.env}
     env["PYTHONUNBUFFERED"] = "1"
+    # Each run starts its own W&B service: sharing this process's would keep a killed run's id "in use".
+    env.pop("WANDB_SERVICE", None)
     return env
 
 
