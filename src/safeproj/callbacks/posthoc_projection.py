@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +13,10 @@ from typing_extensions import override
 from safeproj import wandb as wandb_logs
 from safeproj.callbacks._options import basis_options, check_option, misconfigured
 from safeproj.core.deltas import DeltaSource, RunDelta
-from safeproj.core.energy import SubspaceGrid, Variant, check_grid
+from safeproj.core.energy import Variant, check_grid
 from safeproj.core.options import FRACS, KEEPS, SELECTIONS, BasisSide, Keep, Selection
 from safeproj.core.targets import Target, find_weights
-from safeproj.core.variants import run_variants, write_variant_rows
+from safeproj.core.variants import score_variants, write_variant_rows
 from safeproj.model.subspaces import delta_source, expand_spec
 
 
@@ -98,17 +97,21 @@ class PosthocProjection(Callback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Every rank scores every variant: evaluators split their prompts across ranks and gather.
-        names = [t.name for t in self._targets]
         evaluators = [cb for cb in trainer.callbacks if callable(getattr(cb, "evaluate", None))]
         root = Path(trainer.default_root_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".posthoc-spectra-", dir=root) as spectra:
-            grid = SubspaceGrid(
-                self._source, names, self.options.side, self.options.seed, trainer.is_global_zero, cache_dir=spectra
-            )
-            self.rows = list(
-                run_variants(pl_module, self._run, grid, self.variants, self.keep, evaluators, self.include_full)
-            )
+        self.rows = score_variants(
+            pl_module,
+            self._run,
+            self._source,
+            self.variants,
+            self.keep,
+            evaluators,
+            work_dir=root,
+            side=self.options.side,
+            seed=self.options.seed,
+            include_full=self.include_full,
+            progress=trainer.is_global_zero,
+        )
         self._run = None  # lets go of any start copies
         if not trainer.is_global_zero:
             return

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import lightning as L
 
 from safeproj.core.deltas import RunDelta
-from safeproj.core.energy import SubspaceGrid, Variant, check_grid
+from safeproj.core.energy import Variant, check_grid
 from safeproj.core.options import FRACS, KEEPS, SELECTIONS, BasisOptions, BasisSide, Keep, Selection, check_choice
 from safeproj.core.targets import find_weights
-from safeproj.core.variants import run_variants, write_variant_rows
+from safeproj.core.variants import score_variants, write_variant_rows
 from safeproj.model.subspaces import delta_source
 from safeproj.runs import run_manifest
 
@@ -93,10 +92,10 @@ def project_command(
         evaluators.append(HarmEval(num_samples=num_samples))
     variants = [Variant(f, s) for s in selections for f in fracs]
     out = Path(out_dir or Path(run).parent / "posthoc")
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".posthoc-spectra-", dir=out) as spectra:
-        grid = SubspaceGrid(source, [t.name for t in targets], side=options.side, seed=options.seed, cache_dir=spectra)
-        rows = list(run_variants(_Holder(model, tokenizer), start, grid, variants, keep, evaluators))
+    holder = _Holder(model, tokenizer)
+    rows = score_variants(
+        holder, start, source, variants, keep, evaluators, work_dir=out, side=options.side, seed=options.seed
+    )
     csv_path = write_variant_rows(rows, out)
     for row in rows:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))

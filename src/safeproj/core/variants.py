@@ -9,6 +9,7 @@ beyond the trained copy, a few tensors of the largest shape are in use at any mo
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -126,6 +127,28 @@ def run_variants(
             yield row
     finally:
         swap.restore()
+
+
+def score_variants(
+    module,
+    run: RunDelta,
+    source,
+    variants: Sequence[Variant],
+    keep: str,
+    evaluators: Sequence[object],
+    *,
+    work_dir: str | os.PathLike,
+    side: str = "left",
+    seed: int = 0,
+    include_full: bool = True,
+    progress: bool = True,
+) -> list[dict]:
+    """Every row of `run_variants` over the reference `source`, its spectra kept on disk in a temporary
+    folder under `work_dir` while the variants are scored (removed afterwards)."""
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".posthoc-spectra-", dir=work_dir) as spectra:
+        grid = SubspaceGrid(source, list(run.targets), side, seed, progress, cache_dir=spectra)
+        return list(run_variants(module, run, grid, variants, keep, evaluators, include_full))
 
 
 def write_variant_rows(rows: Sequence[dict], out_dir: str | os.PathLike) -> Path:
