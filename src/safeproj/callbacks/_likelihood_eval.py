@@ -6,9 +6,10 @@ A likelihood evaluator scores the model once before training (`at_fit_start`), o
 end and at train end, and whenever post hoc projection calls `evaluate(pl_module)` for a weight variant.
 It remembers the metric of the start model and of the fully fine-tuned one, and adds to every later
 result, per tracked metric, `<metric>_start`, `<metric>_full` and `<metric>_retention` with
-R = (start − variant) / (start − full). Per-item values go to a W&B table and, with `out_dir`, to
-`<out_dir>/<prefix>_items.json` (every evaluation in order: start, validations, then train end or the
-post hoc variants in the order of PosthocProjection's rows).
+R = (start − variant) / (start − full). Per-item values go to a W&B table and to
+`<out_dir>/<prefix>_items.json` (`out_dir` defaults to the trainer's root folder, the run folder of a CLI
+run), every evaluation in order: start, validations, then train end or the post hoc variants in the order
+of PosthocProjection's rows. `safeproj report` pairs variants on these items for its effect sizes.
 """
 
 from __future__ import annotations
@@ -132,11 +133,12 @@ class LikelihoodEval(ScheduledEval):
         trainer = pl_module._trainer  # None outside a Trainer
         step = int(trainer.global_step) if trainer is not None else None
         self.evaluations.append({"label": label, "step": step, "metrics": dict(result), "items": rows})
-        if self.out_dir is None or (trainer is not None and not trainer.is_global_zero):
+        out_dir = self.out_dir if self.out_dir is not None else getattr(trainer, "default_root_dir", None)
+        if out_dir is None or (trainer is not None and not trainer.is_global_zero):
             return
         evaluations = [{**e, "metrics": plain_row(e["metrics"])} for e in self.evaluations]
         payload = {"evaluator": type(self).__name__, "prefix": self.prefix, "evaluations": evaluations}
-        write_json(Path(self.out_dir) / f"{self.prefix}_items.json", payload, allow_nan=False)
+        write_json(Path(out_dir) / f"{self.prefix}_items.json", payload, allow_nan=False)
 
     # ---------------------------------------------------------------- state
 

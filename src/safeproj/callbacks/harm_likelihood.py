@@ -30,7 +30,8 @@ class HarmLikelihoodEval(LikelihoodEval):
         refusal: the refusing continuation where the data has none.
         batch_size, max_length, every_n_val, at_validation, at_train_end, at_fit_start, seed, log_table,
             n_boot: as for `UtilityLikelihoodEval`.
-        out_dir: also write every evaluation's per-prompt values to `<out_dir>/harm_items.json`.
+        out_dir: where every evaluation's per-prompt values go (`harm_items.json`); default the
+            trainer's root folder.
 
     Raises:
         MisconfigurationException: a count below its minimum, an unknown built-in set or an empty refusal.

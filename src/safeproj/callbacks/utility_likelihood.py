@@ -30,7 +30,8 @@ class UtilityLikelihoodEval(LikelihoodEval):
         at_fit_start: score the start model once, the reference for retention.
         seed: picks the built-in problems.
         log_table: log per-problem rows to W&B when a WandbLogger is attached.
-        out_dir: also write every evaluation's per-problem values to `<out_dir>/utility_items.json`.
+        out_dir: where every evaluation's per-problem values go (`utility_items.json`); default the
+            trainer's root folder.
         n_boot: bootstrap resamples for the 95 % interval.
 
     Raises:
