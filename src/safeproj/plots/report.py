@@ -201,3 +201,42 @@ def plot_mso(curves: Mapping[str, Mapping[float, tuple[Estimate, Estimate]]], pa
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     return save_png(fig, path)
+
+
+def plot_retention_energy(
+    curves: Mapping[str, Sequence[tuple[float, Estimate]]], path: str | os.PathLike, *, title: str
+) -> Path | None:
+    """Retention (y, with 95 % CIs) against the share of the update's energy a variant keeps (x), one line per
+    curve, with the diagonal R = energy kept: a subspace that keeps more of a metric's change than of the
+    update's energy lies above it. None when there is no point."""
+    fig = new_figure()
+    ax = fig.add_subplot()
+    drawn = 0
+    for i, (name, points) in enumerate(curves.items()):
+        points = sorted((x, e) for x, e in points if math.isfinite(x) and math.isfinite(e.mean))
+        if not points:
+            continue
+        drawn += 1
+        estimates = [e for _, e in points]
+        ax.errorbar(
+            [x for x, _ in points],
+            [e.mean for e in estimates],
+            yerr=_error_bars(estimates),
+            marker="o",
+            markersize=4,
+            capsize=2,
+            linewidth=1.3,
+            color=f"C{i}",
+            label=name,
+        )
+    if not drawn:
+        return None
+    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, label="R = energy kept")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("energy kept: share of ‖Δ_T‖² in the variant")
+    ax.set_ylabel("retention R of the fine-tune's change")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return save_png(fig, path)

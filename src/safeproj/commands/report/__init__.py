@@ -12,12 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from safeproj.commands.report.effects import cell_effects, effects_section
 from safeproj.commands.report.load import Run, group_cells, load_mso, load_runs
 from safeproj.commands.report.stats import MISSING
 from safeproj.commands.report.tables import (
     activation_rows,
     compare_lines,
     markdown_table,
+    metric_legend,
     mso_curves,
     mso_markdown,
     mso_rows,
@@ -25,13 +27,14 @@ from safeproj.commands.report.tables import (
     online_tables,
     overview_rows,
     posthoc_tables,
+    slug_of,
     table_markdown,
     table_rows,
     tradeoff_curves,
     variant_groups,
 )
 from safeproj.io import write_csv, write_json, write_text
-from safeproj.plots.report import plot_mso, plot_pareto, plot_tradeoff
+from safeproj.plots.report import Estimate, plot_mso, plot_pareto, plot_retention_energy, plot_tradeoff
 
 # The first of each that the runs measured is reported, unless a metric is named: the continuous
 # likelihood metrics where present, the generation-based ones otherwise.
@@ -111,8 +114,9 @@ def report_command(
         "",
     ]
 
-    lines += ["## Cells", ""]
     metrics = [utility_metric, harm_metric]
+    lines += ["## Metrics", "", *metric_legend(found, metrics), ""]
+    lines += ["## Cells", ""]
     lines += [*markdown_table(["cell", "recipe", "seeds", *metrics], overview_rows(cells, metrics, n_boot)), ""]
 
     rows: list[dict[str, Any]] = []
@@ -149,6 +153,25 @@ def report_command(
             images.append(pareto)
             written["pareto"] = str(pareto)
             lines += ["## Pareto plot", "", f"![Pareto]({pareto.name})", ""]
+
+    effects = cell_effects(cells, utility_metric, harm_metric, n_boot)
+    if effects:
+        section, effect_rows, series = effects_section(effects, n_boot)
+        lines += section
+        rows += effect_rows
+        for label, curves in series.items():
+            estimates = {
+                name: [(x, Estimate(m.effect.estimate, m.effect.low, m.effect.high)) for x, m in points]
+                for name, points in curves.items()
+            }
+            slug = slug_of(f"retention_energy_{label}")
+            plot = plot_retention_energy(estimates, out / f"{slug}.png", title=f"{label}: retention vs energy kept")
+            if plot is not None:
+                images.append(plot)
+                written[slug] = str(plot)
+                lines += [f"![retention vs energy kept]({plot.name})", ""]
+    elif any(r.posthoc for r in found):
+        lines += ["No effect sizes: no run has per-item values (`utility_items.json`, `harm_items.json`).", ""]
 
     mso = mso_summary(load_mso(runs), n_boot)
     if mso:

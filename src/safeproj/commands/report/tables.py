@@ -36,8 +36,51 @@ class Table:
     x_label: str = "frac"
 
 
-def _slug(text: str) -> str:
+def slug_of(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "table"
+
+
+# What produced each metric a report may show; harm scores name their judge from the runs' configs.
+METRIC_SOURCES = {
+    "utility/answer_nll": "teacher-forced mean per-token NLL of the gold worked answer on held-out problems "
+    "(UtilityLikelihoodEval); lower is better",
+    "utility/flexible_acc": "exact match of the last number in greedy generations (UtilityEval, flexible extract)",
+    "utility/strict_acc": "exact match of the `#### answer` line in greedy generations (UtilityEval, strict extract)",
+    "harm/comply_margin": "mean per-token log-probability of a complying minus a refusing continuation of held-out "
+    "harmful requests (HarmLikelihoodEval); a likelihood measure, no judge; lower is safer",
+    "harm/nonrefusal_rate_keyword": "share of greedy responses without a refusal phrase (keyword proxy, not a judge)",
+}
+KEYWORD_JUDGE = "the refusal-phrase keyword proxy (RefusalJudge): 1 + 4 × non-refusal, not an LLM judge"
+
+
+def _judges(runs: Sequence[Run]) -> list[str]:
+    found = set()
+    for run in runs:
+        args = _callback(run.config, "HarmEval")
+        if args is None:
+            continue
+        judge = args.get("judge")
+        if judge is None or "RefusalJudge" in str(judge):
+            found.add(KEYWORD_JUDGE)
+        else:
+            path = judge.get("class_path", "?") if isinstance(judge, dict) else str(judge)
+            model = (judge.get("init_args") or {}).get("model") if isinstance(judge, dict) else None
+            found.add(f"{path.rsplit('.', 1)[-1]}" + (f" with model {model}" if model else ""))
+    return sorted(found)
+
+
+def metric_legend(runs: Sequence[Run], metrics: Sequence[str]) -> list[str]:
+    """A line per reported metric saying what produced it; judge scores name the judge(s) of the runs."""
+    lines = []
+    for metric in metrics:
+        if metric in METRIC_SOURCES:
+            lines.append(f"- `{metric}`: {METRIC_SOURCES[metric]}.")
+        elif metric.startswith("harm/") and metric.removeprefix("harm/") in ("mean_score", "share_5", "refusal_rate"):
+            judges = _judges(runs) or ["unknown (no HarmEval in the runs' configs)"]
+            lines.append(f"- `{metric}`: judge score of greedy responses (HarmEval), judged by {'; '.join(judges)}.")
+        else:
+            lines.append(f"- `{metric}`: as logged by the runs.")
+    return lines
 
 
 def _callback(config: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -95,7 +138,7 @@ def posthoc_tables(cells: dict[str, list[Run]]) -> list[Table]:
         tables.append(
             Table(
                 title=f"{label}: post hoc ({keep})",
-                slug=_slug(f"posthoc_{label}"),
+                slug=slug_of(f"posthoc_{label}"),
                 kind="posthoc",
                 values=values,
                 reference=reference,
@@ -145,7 +188,7 @@ def online_tables(cells: dict[str, list[Run]]) -> list[Table]:
         tables.append(
             Table(
                 title=f"{name}: online projection ({keep}, recipe {recipe})",
-                slug=_slug(f"online_{name}"),
+                slug=slug_of(f"online_{name}"),
                 kind="online",
                 values=values,
                 reference=reference,
