@@ -1,6 +1,7 @@
 """Shared test set-up: offline, quiet, one torch thread, and a private cache so tests never see a user's files."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -21,6 +22,21 @@ def _private_cache(tmp_path_factory):
     else:
         os.environ["SAFEPROJ_CACHE"] = str(tmp_path_factory.mktemp("safeproj-cache"))
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _repository_untouched():
+    # Tests write under tmp_path: a file left in the source tree would be committed by accident.
+    root = Path(__file__).resolve().parents[1]
+    ignored = {".pytest_cache", ".ruff_cache", "__pycache__", "runs", "wandb", "lightning_logs", ".venv", ".git"}
+
+    def listing():
+        return {p.name for p in root.iterdir() if p.name not in ignored}
+
+    before = listing()
+    yield
+    added = sorted(listing() - before)
+    assert not added, f"tests left files in the repository root: {added}"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,6 +3,8 @@ and a short fit of the evaluation TinyLM that logs to them."""
 
 from __future__ import annotations
 
+import tempfile
+
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger, WandbLogger
 
@@ -66,9 +68,14 @@ class RecordingWandb(WandbLogger):
         return None
 
 
-def fit_tiny_lm(callbacks, loggers=False, epochs=2):
-    """`epochs` epochs of two training batches and one validation batch (after one sanity batch) on CPU."""
+def fit_tiny_lm(callbacks, loggers=False, epochs=2, root_dir=None):
+    """`epochs` epochs of two training batches and one validation batch (after one sanity batch) on CPU.
+
+    Files callbacks write beside the run go to `root_dir` (default a fresh temporary folder, never the
+    working directory).
+    """
     trainer = Trainer(
+        default_root_dir=root_dir or tempfile.mkdtemp(prefix="safeproj-fit-"),
         max_epochs=epochs,
         limit_train_batches=2,
         limit_val_batches=1,
