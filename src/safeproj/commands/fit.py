@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from safeproj.commands import TRAINER_COMMANDS
 from safeproj.commands.checks import check_fit_config
+from safeproj.model.checkpoint_io import with_atomic_checkpoints
 
 
 def recipe_name(configs: list[str]) -> str | None:
@@ -92,6 +93,7 @@ class SafeprojCLI(LightningCLI):
             callbacks = [*callbacks, ProgressLog()]
         if config.get("enable_progress_bar") is not False and not any(isinstance(cb, ProgressBar) for cb in given):
             callbacks = [*callbacks, step_progress_bar()]
+        config["plugins"] = with_atomic_checkpoints(config.get("plugins"))
         return super()._instantiate_trainer(config, callbacks)
 
     @override
