@@ -73,3 +73,15 @@ def test_command_compares_a_base_model_with_a_tuned_checkpoint(prompt_files, tmp
     assert again["layers"] == report["layers"]
     with pytest.raises(ValueError, match="no complete recordings"):
         activations_command("unused", record=False, out_dir=str(tmp_path / "empty"))
+
+
+def test_built_in_sets_are_probed_on_held_out_acts(tmp_path):
+    # The built-in requests record the act each prompt is made from; the probe never tests on a trained act.
+    import json
+
+    out = tmp_path / "acts"
+    report = activations_command("tiny", out_dir=str(out), layers=[1], num_prompts=24, etas=[0.5])
+    manifest = json.loads((out / "step_0" / "manifest.json").read_text())
+    assert set(manifest["groups"]) == {"harmful", "benign"} and len(manifest["groups"]["harmful"]) == 24
+    (row,) = report["layers"]
+    assert row["probe_test_groups"] >= 4  # at least two acts of each set held out whole

@@ -40,7 +40,13 @@ def _write_run(root: Path, cell: str, seed: int, target: str) -> Path:
     shift = {"utility": -1.0, "harm": 2.0}
     rows = [{"variant": "full", "selection": "full", "frac": 1.0, "keep": "none", "energy_kept": 1.0}]
     rows += [
-        {"variant": f"{s}@{f:g}", "selection": s, "frac": f, "keep": "parallel", "energy_kept": 0.3 if s == "top" else 0.5}
+        {
+            "variant": f"{s}@{f:g}",
+            "selection": s,
+            "frac": f,
+            "keep": "parallel",
+            "energy_kept": 0.3 if s == "top" else 0.5,
+        }
         for s, f in RETAINED
     ]
     for kind, metric in metrics.items():

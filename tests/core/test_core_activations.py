@@ -15,6 +15,7 @@ from safeproj.core.activations import (
     diff_of_means,
     direction_cosine,
     energy_subspace,
+    group_split,
     linear_probe,
     subspace_share,
     weight_alignment,
@@ -196,3 +197,37 @@ def test_weight_alignment_with_a_real_basis(frac):
     assert weight_alignment(u[:, 0], basis, layer=3) == {}
     with pytest.raises(ValueError, match="acts on size 64, activations have size 10"):
         weight_alignment(torch.ones(10), basis, layer=1)
+
+
+def _acts(n_acts, per_act, d, seed):
+    """Rows whose only structure is their act: a random centre per act plus small noise."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_acts, d, generator=gen) * 3
+    rows = centres.repeat_interleave(per_act, dim=0) + 0.3 * torch.randn(n_acts * per_act, d, generator=gen)
+    return rows, [f"act{i}" for i in range(n_acts) for _ in range(per_act)]
+
+
+def test_group_split_holds_out_whole_groups_per_class():
+    labels = [1] * 40 + [0] * 40
+    groups = [f"h{i // 5}" for i in range(40)] + [f"b{i // 10}" for i in range(40)]
+    train, test = group_split(labels, groups, 0.5, seed=1)
+    assert sorted(train + test) == list(range(80))
+    assert not {groups[i] for i in train} & {groups[i] for i in test}
+    for label in (0, 1):
+        held = sum(labels[i] == label for i in test)
+        assert 10 <= held <= 30  # about half of each class, in whole groups
+    assert group_split(labels, groups, 0.5, seed=1) == (train, test)
+    with pytest.raises(ValueError, match="class 0 has 1 group"):
+        group_split(labels, groups[:40] + ["b"] * 40, 0.5)
+
+
+def test_probe_split_by_act_sees_through_act_memorisation():
+    # Harmful and benign rows differ only by which act they come from: a prompt-level split lets the probe
+    # recognise acts it trained on; holding out whole acts leaves it at chance.
+    harmful, harmful_acts = _acts(8, 12, 32, seed=0)
+    benign, benign_acts = _acts(8, 12, 32, seed=1)
+    by_prompt = linear_probe(harmful, benign)
+    by_act = [linear_probe(harmful, benign, seed=s, groups=(harmful_acts, benign_acts)) for s in range(4)]
+    assert by_prompt["probe_accuracy"] > 0.95 and by_prompt["probe_test_groups"] == 0
+    assert sum(r["probe_accuracy"] for r in by_act) / len(by_act) < 0.75
+    assert all(r["probe_test_groups"] >= 2 for r in by_act)

@@ -52,7 +52,8 @@ class ActivationRecorder(Callback):
             a delta spec is built with its default options, top half of the spectrum, left side)
             to compare the difference-of-means direction with the o_proj / down_proj subspace.
         harmful_set / benign_set: the two prompt sets the analysis contrasts.
-        probe_test_size: share of each set held out to score the linear probe (its n is logged).
+        probe_test_size: share of each set held out to score the linear probe (its n is logged); whole acts
+            are held out where the prompt set names them (the built-in requests do).
         seed: for the built-in prompt sets and the probe split.
 
     Raises:

@@ -57,7 +57,8 @@ def activations_command(
         shard_size: rows per shard file.
         harmful_set: the prompt set treated as harmful.
         benign_set: the prompt set contrasted with it.
-        probe_test_size: share of each set held out to score the linear probe.
+        probe_test_size: share of each set held out to score the linear probe, as whole acts where the
+            prompt set names them (the built-in requests do).
         seed: seed of the built-in prompt sets and of the probe split.
         step: the label of this recording (e.g. a checkpoint's global step).
         record: False analyses what `out_dir` already holds without loading `model`.

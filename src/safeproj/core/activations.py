@@ -24,6 +24,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 DEFAULT_ETAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -102,11 +103,60 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def linear_probe(harmful: torch.Tensor, benign: torch.Tensor, test_size: float = 0.5, seed: int = 0) -> dict:
-    """A logistic-regression probe fitted on a stratified share of each set and scored on the rest.
+def group_split(
+    labels: Sequence[int], groups: Sequence[str], test_size: float, seed: int = 0
+) -> tuple[list[int], list[int]]:
+    """(train, test) row indices with no group on both sides: within each class, whole groups (shuffled,
+    seeded) go to the test side until it holds `test_size` of the class's rows, at least one group each.
+
+    Prompts made from one template over one act share that act; a probe tested on acts it was trained
+    on partly recognises the acts themselves.
+    """
+    if len(groups) != len(labels):
+        raise ValueError(f"groups has {len(groups)} entries for {len(labels)} rows")
+    rng = np.random.default_rng(seed)
+    train: list[int] = []
+    test: list[int] = []
+    for label in sorted(set(labels)):
+        members: dict[str, list[int]] = {}
+        for i, (row_label, group) in enumerate(zip(labels, groups)):
+            if row_label == label:
+                members.setdefault(str(group), []).append(i)
+        if len(members) < 2:
+            raise ValueError(
+                f"the probe holds out whole groups but class {label} has {len(members)} group(s); give prompts "
+                "from at least 2 groups (acts) per set"
+            )
+        names = sorted(members)
+        order = rng.permutation(len(names))
+        target = test_size * sum(len(rows) for rows in members.values())
+        held = 0
+        for rank, index in enumerate(order):
+            rows = members[names[index]]
+            if rank < len(names) - 1 and (held == 0 or held + len(rows) / 2 <= target):
+                test += rows
+                held += len(rows)
+            else:
+                train += rows
+    return sorted(train), sorted(test)
+
+
+def linear_probe(
+    harmful: torch.Tensor,
+    benign: torch.Tensor,
+    test_size: float = 0.5,
+    seed: int = 0,
+    groups: tuple[Sequence[str], Sequence[str]] | None = None,
+) -> dict:
+    """A logistic-regression probe fitted on part of each set and scored on the rest.
+
+    Without `groups` the held-out share is a stratified random split of prompts. With (harmful groups,
+    benign groups), e.g. the act each templated prompt is made from, whole groups are held out
+    (`group_split`), so the probe is scored on acts it never saw.
 
     Returns `probe_accuracy` (held-out), `probe_ci_low` / `probe_ci_high` (Wilson 95 %), `probe_n_train`
-    and `probe_n_test` (rows of both sets together).
+    and `probe_n_test` (rows of both sets together), and `probe_test_groups` (held-out groups, 0 when the
+    split is by prompt).
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
@@ -117,7 +167,15 @@ def linear_probe(harmful: torch.Tensor, benign: torch.Tensor, test_size: float =
     check_probe_sizes(len(harmful), len(benign), test_size)
     x = torch.cat([harmful, benign]).float().numpy()
     y = [1] * len(harmful) + [0] * len(benign)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_size, stratify=y, random_state=seed)
+    if groups is None:
+        x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_size, stratify=y, random_state=seed)
+        test_groups = 0
+    else:
+        labels = [f"harmful:{g}" for g in groups[0]] + [f"benign:{g}" for g in groups[1]]
+        train, test = group_split(y, labels, test_size, seed)
+        x_train, x_test = x[train], x[test]
+        y_train, y_test = [y[i] for i in train], [y[i] for i in test]
+        test_groups = len({labels[i] for i in test})
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     probe.fit(x_train, y_train)
     correct = sum(int(p == t) for p, t in zip(probe.predict(x_test), y_test))
@@ -128,6 +186,7 @@ def linear_probe(harmful: torch.Tensor, benign: torch.Tensor, test_size: float =
         "probe_ci_high": high,
         "probe_n_train": len(y_train),
         "probe_n_test": len(y_test),
+        "probe_test_groups": test_groups,
     }
 
 
@@ -203,8 +262,10 @@ def analyse_layer(
     layer: int | None = None,
     seed: int = 0,
     probe_test_size: float = 0.5,
+    groups: tuple[Sequence[str], Sequence[str]] | None = None,
 ) -> tuple[list[dict], dict, torch.Tensor]:
-    """(MSO rows for both centerings, one summary row, the difference-of-means direction)."""
+    """(MSO rows for both centerings, one summary row, the difference-of-means direction); `groups` as in
+    `linear_probe`."""
     mso_rows = activation_mso(harmful, benign, etas, center=False) + activation_mso(harmful, benign, etas, center=True)
     direction, norm = diff_of_means(harmful, benign)
     row: dict[str, Any] = {
@@ -212,7 +273,7 @@ def analyse_layer(
         "n_benign": int(benign.shape[0]),
         "hidden": int(harmful.shape[1]),
         "diff_norm": norm,
-        **linear_probe(harmful, benign, probe_test_size, seed),
+        **linear_probe(harmful, benign, probe_test_size, seed, groups),
     }
     if basis is not None and layer is not None:
         row.update(weight_alignment(direction, basis, layer))
@@ -220,7 +281,16 @@ def analyse_layer(
 
 
 # Columns of a layer row that describe it rather than measure it: no first-vs-last change for these.
-_DESCRIPTIVE = ("step", "layer", "n_harmful", "n_benign", "hidden", "probe_n_train", "probe_n_test")
+_DESCRIPTIVE = (
+    "step",
+    "layer",
+    "n_harmful",
+    "n_benign",
+    "hidden",
+    "probe_n_train",
+    "probe_n_test",
+    "probe_test_groups",
+)
 
 
 def change_rows(layer_rows: Sequence[Mapping], mso_rows: Sequence[Mapping] = ()) -> list[dict]:

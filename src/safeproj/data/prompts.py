@@ -69,3 +69,19 @@ def load_prompts(spec: str, limit: int | None = None, seed: int = 0) -> list[str
         want = field or " | ".join(PROMPT_FIELDS)
         raise ValueError(f"prompt set {spec!r} has no field {want}; fields are {', '.join(records.columns)}")
     return [str(row[key]) for row in complete_rows(records, [key], limit=limit).rows()]
+
+
+# A column naming what a prompt is made from: prompts sharing it are one group for held-out splits.
+GROUP_FIELDS = ("act",)
+
+
+def load_prompt_groups(spec: str, limit: int | None = None, seed: int = 0) -> list[str] | None:
+    """The group (e.g. the act) of each prompt `load_prompts` gives for the same arguments, or None when
+    the set has no group column."""
+    source, split, field = parse_prompt_spec(spec)
+    records = load_records(source, split=split, n=limit, seed=seed)
+    key = field or next((f for f in PROMPT_FIELDS if f in records.columns), None)
+    group = next((f for f in GROUP_FIELDS if f in records.columns), None)
+    if len(records) == 0 or key is None or group is None:
+        return None
+    return [str(row[group]) for row in complete_rows(records, [key], limit=limit).rows()]

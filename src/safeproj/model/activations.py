@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from safeproj.data.prompts import load_prompts
+from safeproj.data.prompts import load_prompt_groups, load_prompts
 from safeproj.data.templates import encode_prompt, encode_prompt_marked, pad_batch
 
 POSITIONS = ("last", "mean", "assistant")
@@ -102,6 +102,7 @@ class EncodedPrompt:
 
     ids: tuple[int, ...]
     positions: tuple[int, ...]
+    group: str | None = None  # what the prompt is made from (its act), for held-out splits by group
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], position: str) -> list[EncodedPrompt]:
@@ -134,6 +135,9 @@ def prepare_prompt_sets(
         if not prompts:
             raise ValueError(f"prompt set {name!r} ({spec}) is empty")
         encoded[name] = encode_prompts(tokenizer, prompts, position)
+        groups = load_prompt_groups(spec, num_prompts, seed)
+        if groups is not None and len(groups) == len(prompts):
+            encoded[name] = [replace(e, group=g) for e, g in zip(encoded[name], groups)]
         for i, e in enumerate(encoded[name]):
             if max_length is not None and len(e.ids) > max_length:
                 raise ValueError(

@@ -195,6 +195,10 @@ def record_step(
             "sets": rows,
             "shards": sorted(p.name for w in writers for p in w.paths),
         }
+        groups = {name: [e.group for e in encoded] for name, encoded in prompt_sets.items()}
+        groups = {name: g for name, g in groups.items() if g and all(x is not None for x in g)}
+        if groups:
+            manifest["groups"] = groups
         write_json(partial / MANIFEST, manifest)
     item = torch.empty((), dtype=torch_dtype).element_size()
     return StepRecord(
@@ -292,15 +296,24 @@ def analyse_recordings(
                     f"step {step} has no prompt set {name!r}; recorded sets are {sorted(manifest['sets'])}"
                 )
         for layer in manifest["layers"]:
-            harmful, _ = load_activations(out_dir, step, harmful_set, layer)
-            benign, _ = load_activations(out_dir, step, benign_set, layer)
-            rows, row, direction = analyse_layer(harmful, benign, etas, basis, layer, seed, probe_test_size)
+            harmful, harmful_ids = load_activations(out_dir, step, harmful_set, layer)
+            benign, benign_ids = load_activations(out_dir, step, benign_set, layer)
+            groups = _probe_groups(manifest, (harmful_set, harmful_ids), (benign_set, benign_ids))
+            rows, row, direction = analyse_layer(harmful, benign, etas, basis, layer, seed, probe_test_size, groups)
             first_direction.setdefault(layer, direction)
             key = {"step": step, "layer": layer}
             mso_rows += [{**key, **r} for r in rows]
             drift = direction_cosine(direction, first_direction[layer])
             layer_rows.append({**key, **row, "direction_cosine_to_first": drift})
     return {"mso": mso_rows, "layers": layer_rows, "changes": change_rows(layer_rows, mso_rows)}
+
+
+def _probe_groups(manifest: Mapping, *sets: tuple[str, Sequence[int]]) -> tuple[list[str], ...] | None:
+    """Each set's prompt groups in row order when the recording has them for every set, else None."""
+    recorded = manifest.get("groups") or {}
+    if not all(name in recorded for name, _ in sets):
+        return None
+    return tuple([recorded[name][i] for i in ids] for name, ids in sets)
 
 
 def write_report(report: Mapping[str, Sequence[Mapping]], out_dir: str | os.PathLike) -> dict[str, Path]:
