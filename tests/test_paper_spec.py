@@ -84,7 +84,7 @@ def test_every_cell_parses_with_the_papers_settings(name, paper_hub, tmp_path, m
         1,
         "lm-eval",
     )
-    assert (harm.num_samples, harm.max_new_tokens) == (520, 512)
+    assert (harm.num_samples, harm.max_new_tokens, harm.chat_template) == (520, 512, False)
     assert harm.judge.class_path.endswith("OpenAIJudge") and harm.judge.init_args.template == "paper"
 
     sources = {s.path: s for s in config.data.sources}
@@ -107,11 +107,6 @@ def test_every_cell_parses_with_the_papers_settings(name, paper_hub, tmp_path, m
     assert posthoc.keep == ("orthogonal" if run == "mixed" else "parallel")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="`safety` (Δ_S) for a hub start model needs safety tuning of that model (issue 13, item 2)",
-)
 @pytest.mark.parametrize("name", [n for n in POSTHOC if n.endswith("safety")])
 def test_safety_cells_parse(name, paper_hub, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "unused")

@@ -59,6 +59,9 @@ def metric_name(key: str) -> str | None:
 # The safety-tuned presets are made by this recipe, with a preset's config layered on it where it has one.
 SAFETY_RECIPE = "safety_tune.yaml"
 SAFETY_PRESET_CONFIGS = {"tiny": "model/tiny.yaml"}
+# A hub model is safety-tuned by the same recipe at the paper's training settings on BeaverTails' safe answers
+# (after the configs/model/ file that names the model, where there is one).
+SAFETY_HUB_CONFIGS = ("trainer/paper.yaml", "data/paper-safety.yaml")
 
 RUN_MANIFEST = "safeproj.json"  # beside a finished run's Hugging Face checkpoint
 

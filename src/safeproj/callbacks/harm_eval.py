@@ -24,6 +24,8 @@ class HarmEval(GenerationEval):
         judge: scores (prompt, response) pairs; default `RefusalJudge` (offline proxy). In YAML an
             `OpenAIJudge` is given as class_path/init_args; its key stays in the environment.
         every_n_val, at_validation, at_train_end, seed, log_table, n_boot: as for `UtilityEval`.
+        chat_template: prompts through the model's chat template (default); False feeds them as raw text,
+            as the paper does for AdvBench.
 
     Raises:
         MisconfigurationException: a count below its minimum, an unknown built-in set, or a judge
@@ -45,6 +47,7 @@ class HarmEval(GenerationEval):
         seed: int = 0,
         log_table: bool = True,
         n_boot: int = 1000,
+        chat_template: bool = True,
     ):
         super().__init__(every_n_val, at_validation, at_train_end, log_table, n_boot)
         check_dataset(dataset, "harmful")
@@ -59,11 +62,16 @@ class HarmEval(GenerationEval):
         self.batch_size = batch_size
         self.judge = judge if judge is not None else RefusalJudge()
         self.seed = seed
+        self.chat_template = bool(chat_template)
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(dataset=self.dataset, num_samples=self.num_samples, judge=repr(self.judge))
+        # Raw prompts only named when set, so checkpoints of templated runs keep their key.
+        raw = {} if self.chat_template else {"chat_template": False}
+        return self._generate_state_key(
+            dataset=self.dataset, num_samples=self.num_samples, judge=repr(self.judge), **raw
+        )
 
     def _run(self, model, tokenizer, rank, world_size):
         return evaluate_harm(
@@ -72,6 +80,7 @@ class HarmEval(GenerationEval):
             **self._share(rank, world_size),
             judge=self.judge,
             max_new_tokens=self.max_new_tokens,
+            chat_template=self.chat_template,
         )
 
     def _report(self, rows):

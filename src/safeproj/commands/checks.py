@@ -2,16 +2,20 @@
 builds): model, subspace and dataset specs, and a parsed `fit`/`validate` config as a whole (those specs,
 the callbacks' and the data module's own argument checks, a run that would make no optimizer step, a hub
 or W&B server that does not answer). Each failure is one ValueError naming the config key, the bad value
-and what to write instead."""
+and what to write instead. Under `planning()` nothing is downloaded or probed: what a run would still
+fetch or need (a hub model not cached yet, an API key) is noted instead of failing."""
 
 from __future__ import annotations
 
+import contextlib
 import netrc
 import os
 import socket
 import threading
 import warnings
 import zipfile
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -22,9 +26,10 @@ from safeproj.data.records import is_local, load_records
 from safeproj.data.sources import load_pairs
 from safeproj.eval.gsm8k import load_gsm8k
 from safeproj.eval.harm import load_harmful_prompts
+from safeproj.model.hub import HubModelMissing
 from safeproj.model.loading import PRESETS, SAFETY_SUFFIX
 from safeproj.model.module import check_settings
-from safeproj.model.subspaces import delta_source, expand_spec
+from safeproj.model.subspaces import delta_source, expand_spec, safety_target
 
 # Callback class name -> init args that hold subspace specs (a string, or a dict of name -> spec).
 SUBSPACE_ARGUMENTS = {
@@ -46,6 +51,28 @@ DATASET_READERS = {
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
 HUB_PROBE_SECONDS = 5.0  # how long a hub name may wait for huggingface.co before the run starts
 WANDB_PROBE_SECONDS = 10.0  # how long WANDB_MODE=online may wait for the W&B server before the run starts
+_PLAN_NOTES: ContextVar[list[str] | None] = ContextVar("plan_notes", default=None)
+
+
+@contextlib.contextmanager
+def planning() -> Iterator[list[str]]:
+    """Checks that download and probe nothing; yields the notes of what the runs would still fetch or need."""
+    notes: list[str] = []
+    token = _PLAN_NOTES.set(notes)
+    try:
+        yield notes
+    finally:
+        _PLAN_NOTES.reset(token)
+
+
+def _is_planning() -> bool:
+    return _PLAN_NOTES.get() is not None
+
+
+def _note(text: str) -> None:
+    notes = _PLAN_NOTES.get()
+    if text not in notes:
+        notes.append(text)
 
 
 def check_fit_config(cfg: Any, instantiated: Any) -> None:
@@ -124,6 +151,10 @@ def check_hub_model(key: str, name: str) -> None:
     from huggingface_hub import constants, try_to_load_from_cache
 
     cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    if _is_planning():
+        if not cached:
+            _note(f"hub model {name} is not cached: downloaded on first use")
+        return
     if constants.HF_HUB_OFFLINE and not cached:
         raise ValueError(
             f"{key}={name!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 "
@@ -214,11 +245,15 @@ def check_judge_key(key: str, variable: str) -> None:
     try:
         read_api_key(variable)
     except JudgeError as err:
+        if _is_planning():
+            _note(f"{variable} is not set: the judge needs it before the runs start")
+            return
         raise ValueError(f"{key}: {err}") from None
 
 
 def check_subspace_spec(key: str, spec: str, model_name: str, include=None, exclude=None) -> None:
-    """A basis artifact, `safety`/`safety:<preset>`, or a delta spec whose files and headers are readable."""
+    """A basis artifact, `safety`/`safety:<model>` (its start model available), or a delta spec whose files and
+    headers are readable."""
     try:
         spec = expand_spec(spec, model_name)
         if spec.endswith(".safetensors"):
@@ -228,11 +263,16 @@ def check_subspace_spec(key: str, spec: str, model_name: str, include=None, excl
                 )
             SafetensorsFiles(spec)
         elif spec.startswith("safety:"):
-            preset = spec.split(":", 1)[1]
-            if preset not in PRESETS:
-                raise ValueError(f"no built-in safety tuning for {preset!r}; known presets: {', '.join(PRESETS)}")
+            model = safety_target(spec)  # made before the run starts (`safeproj prereq`); here only its start
+            if model not in PRESETS:
+                check_model_spec(key, model)
         else:
-            delta_source(spec, include, exclude)
+            try:
+                delta_source(spec, include, exclude, download=not _is_planning())
+            except HubModelMissing:
+                if not _is_planning():
+                    raise
+                _note(f"{spec}: its hub models are not all cached: downloaded on first use")
     except ValueError as err:
         raise ValueError(f"{key}={spec!r}: {err}") from None
 
@@ -278,7 +318,7 @@ def check_data(data: Any) -> None:
 def _check_hub_dataset(key: str, name: str) -> None:
     from huggingface_hub import constants
 
-    if not constants.HF_HUB_OFFLINE:
+    if not constants.HF_HUB_OFFLINE and not _is_planning():
         check_hub_reachable(key, name)
 
 
@@ -299,7 +339,7 @@ def check_wandb_online(logger: Any) -> None:
     (W&B itself would retry for minutes, then fail with a traceback)."""
     from safeproj.wandb import wandb_mode
 
-    if wandb_mode() != "online" or "WandbLogger" not in str(getattr(logger, "class_path", "")):
+    if wandb_mode() != "online" or "WandbLogger" not in str(getattr(logger, "class_path", "")) or _is_planning():
         return
     if (logger.get("init_args") or {}).get("offline"):
         return

@@ -29,6 +29,9 @@ def command_parser(name: str):
     parser = ArgumentParser(prog=f"safeproj {name}", description=describe(name), exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of arguments")
     parser.add_function_arguments(function, as_group=False, as_positional=name in POSITIONAL, sub_configs=True)
+    for action in parser._actions:
+        if getattr(action, "_typehint", None) is bool and action.option_strings:
+            action.nargs, action.const = "?", True  # `--plan` alone means `--plan true`
     return parser
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from safeproj.commands.checks import check_dataset, check_model_spec
-from safeproj.eval.gsm8k import evaluate_gsm8k, load_gsm8k
+from safeproj.eval.gsm8k import COMPARISONS, PROTOCOLS, evaluate_gsm8k, load_gsm8k
 from safeproj.eval.harm import evaluate_harm, load_harmful_prompts
 from safeproj.eval.judges import DEFAULT_CONCURRENCY, OPENAI_BASE_URL, OpenAIJudge, RefusalJudge
 from safeproj.eval.judges.credentials import read_api_key
@@ -70,8 +70,12 @@ def eval_command(
     harm_dataset: str = "builtin:harmful-test",
     num_samples: int = 32,
     n_shot: int = 0,
+    protocol: str = "chat",
+    comparison: str | None = None,
+    fewshot_source: str | None = None,
     utility_max_new_tokens: int = 256,
     harm_max_new_tokens: int = 64,
+    harm_chat_template: bool = True,
     batch_size: int = 8,
     judge_base_url: str | None = None,
     judge_model: str | None = None,
@@ -91,9 +95,15 @@ def eval_command(
         utility_dataset: "builtin:useful-test", a local GSM8k .jsonl, or "openai/gsm8k".
         harm_dataset: "builtin:harmful-test", a local AdvBench .csv, or "walledai/AdvBench".
         num_samples: items per evaluation (the first ones of each set).
-        n_shot: GSM8k exemplars given as earlier chat turns.
+        n_shot: GSM8k exemplars (earlier chat turns under protocol "chat", blank-line separated under "lm-eval").
+        protocol: GSM8k protocol: "chat" (chat template, numeric comparison) or "lm-eval" (lm-eval-harness's
+            gsm8k task, the paper's: plain Question/Answer text, string comparison; with
+            --utility_dataset openai/gsm8k --num_samples 1319 --n_shot 1).
+        comparison: "numeric" or "string" to override the protocol's own comparison.
+        fewshot_source: where GSM8k exemplars come from (default: the protocol's own).
         utility_max_new_tokens: generation budget per math answer.
         harm_max_new_tokens: generation budget per harmful-prompt response (paper: 512).
+        harm_chat_template: harmful prompts through the chat template; false feeds them as raw text (paper).
         batch_size: prompts per generation batch.
         judge_base_url: OpenAI-compatible server for the LLM judge; with neither this nor
             judge_model the offline refusal judge (a proxy) is used.
@@ -109,6 +119,11 @@ def eval_command(
         raise ValueError("nothing to do: utility and harm are both off")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if protocol not in PROTOCOLS or comparison not in (None, *COMPARISONS):
+        raise ValueError(
+            f"--protocol must be one of {', '.join(PROTOCOLS)} and --comparison one of {', '.join(COMPARISONS)}, "
+            f"got {protocol!r} and {comparison!r}"
+        )
     if judge_base_url and not judge_model:
         raise ValueError(f"judge_base_url={judge_base_url!r} needs judge_model")
     # Files and specs first: a bad one should not wait for a model to load.
@@ -141,9 +156,12 @@ def eval_command(
             utility_dataset,
             num_samples,
             n_shot=n_shot,
+            fewshot_source=fewshot_source,
             max_new_tokens=utility_max_new_tokens,
             batch_size=batch_size,
             seed=seed,
+            protocol=protocol,
+            comparison=comparison,
         )
         results["utility"] = {**utility_report(rows["utility"], seed=seed), **metrics}
     if harm:
@@ -156,6 +174,7 @@ def eval_command(
             max_new_tokens=harm_max_new_tokens,
             batch_size=batch_size,
             seed=seed,
+            chat_template=harm_chat_template,
         )
         results["harm"] = {**harm_report(rows["harm"], seed=seed), **metrics}
 
@@ -168,8 +187,11 @@ def eval_command(
             "harm_dataset": harm_dataset,
             "num_samples": num_samples,
             "n_shot": n_shot,
+            "protocol": protocol,
+            "comparison": comparison,
             "utility_max_new_tokens": utility_max_new_tokens,
             "harm_max_new_tokens": harm_max_new_tokens,
+            "harm_chat_template": harm_chat_template,
             "seed": seed,
         },
         "metrics": results,

@@ -123,11 +123,11 @@ class SafeprojCLI(LightningCLI):
 
     @override
     def instantiate_classes(self) -> None:
-        from safeproj.commands.prereq import ensure_presets, presets_needed
+        from safeproj.commands.prereq import ensure_safety_models, safety_models_needed
 
         # Made before any class is built, so the module and callbacks find them in the cache.
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        ensure_presets(presets_needed(cfg.as_dict()))
+        ensure_safety_models(safety_models_needed(cfg.as_dict()))
         super().instantiate_classes()
         if hasattr(self.model, "recipe"):
             self.model.recipe = recipe_name([str(c) for c in (cfg.get("config") or [])])

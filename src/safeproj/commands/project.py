@@ -54,6 +54,14 @@ def project_command(
     utility: bool = True,
     harm: bool = True,
     num_samples: int = 16,
+    utility_dataset: str = "builtin:useful-test",
+    harm_dataset: str = "builtin:harmful-test",
+    n_shot: int = 0,
+    protocol: str = "chat",
+    utility_max_new_tokens: int = 128,
+    harm_max_new_tokens: int = 64,
+    harm_chat_template: bool = True,
+    batch_size: int = 8,
     out_dir: str | None = None,
 ) -> None:
     """Post hoc projection of a saved run: score W₀ + P·Δ_T for each frac × selection.
@@ -71,13 +79,25 @@ def project_command(
         utility: score each variant with UtilityEval.
         harm: score each variant with HarmEval.
         num_samples: prompts per evaluation.
+        utility_dataset: GSM8k items: "builtin:useful-test", a local .jsonl, or "openai/gsm8k".
+        harm_dataset: harmful prompts: "builtin:harmful-test", a local AdvBench .csv, or "walledai/AdvBench".
+        n_shot: GSM8k exemplars per problem.
+        protocol: GSM8k protocol, "chat" or "lm-eval" (the paper's: with --utility_dataset openai/gsm8k
+            --num_samples 1319 --n_shot 1 --utility_max_new_tokens 256).
+        utility_max_new_tokens: generation budget per math answer.
+        harm_max_new_tokens: generation budget per harmful-prompt response (paper: 512).
+        harm_chat_template: harmful prompts through the chat template; false feeds them as raw text (paper).
+        batch_size: prompts per generation batch.
         out_dir: where posthoc.csv/json go (default `<run>/../posthoc`).
     """
-    from safeproj.callbacks import HarmEval, UtilityEval
-
     check_choice("keep", keep, KEEPS)
     options = BasisOptions(side=side, seed=seed, include=include, exclude=exclude)
     fracs, selections = check_grid(fracs, selections)
+    # Built before the model loads: their own argument checks fail fast.
+    evaluators = variant_evaluators(
+        utility, harm, utility_dataset, harm_dataset, num_samples, n_shot, protocol,
+        utility_max_new_tokens, harm_max_new_tokens, harm_chat_template, batch_size,
+    )  # fmt: skip
     model, tokenizer, base, _ = load_run(run)
     source = delta_source(subspace, options.include, options.exclude)
     targets = find_weights(model, source.names())
@@ -85,11 +105,6 @@ def project_command(
     start = RunDelta(targets, base, fresh_adapters=True)
     if start.held:
         raise ValueError(f"the run's base weights {base} lack {next(iter(start.held))} (or hold another shape)")
-    evaluators = []
-    if utility:
-        evaluators.append(UtilityEval(num_samples=num_samples))
-    if harm:
-        evaluators.append(HarmEval(num_samples=num_samples))
     variants = [Variant(f, s) for s in selections for f in fracs]
     out = Path(out_dir or Path(run).parent / "posthoc")
     holder = _Holder(model, tokenizer)
@@ -101,7 +116,49 @@ def project_command(
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
     print(f"wrote {csv_path}")
     settings = {"subspace": subspace, "keep": keep, "side": side, "seed": seed, "fracs": fracs}
-    _log_to_wandb(run, out, rows, {**settings, "selections": selections, "num_samples": num_samples})
+    evaluation = {"num_samples": num_samples, "protocol": protocol, "harm_chat_template": harm_chat_template}
+    _log_to_wandb(run, out, rows, {**settings, "selections": selections, **evaluation})
+
+
+def variant_evaluators(
+    utility: bool,
+    harm: bool,
+    utility_dataset: str,
+    harm_dataset: str,
+    num_samples: int,
+    n_shot: int,
+    protocol: str,
+    utility_max_new_tokens: int,
+    harm_max_new_tokens: int,
+    harm_chat_template: bool,
+    batch_size: int,
+) -> list:
+    """The evaluation callbacks that score each variant, with the command line's settings."""
+    from safeproj.callbacks import HarmEval, UtilityEval
+
+    evaluators = []
+    if utility:
+        evaluators.append(
+            UtilityEval(
+                dataset=utility_dataset,
+                num_samples=num_samples,
+                n_shot=n_shot,
+                protocol=protocol,
+                max_new_tokens=utility_max_new_tokens,
+                batch_size=batch_size,
+            )
+        )
+    if harm:
+        evaluators.append(
+            HarmEval(
+                dataset=harm_dataset,
+                num_samples=num_samples,
+                max_new_tokens=harm_max_new_tokens,
+                batch_size=batch_size,
+                chat_template=harm_chat_template,
+            )
+        )
+    return evaluators
 
 
 def _log_to_wandb(run: str, out: Path, rows: list[dict], settings: dict) -> None:

@@ -4,7 +4,8 @@ A DeltaSource names the tensors it covers and yields (name, Δ) pairs as float32
 whole model delta never sits in memory. Tensor names are the plain Hugging Face names
 (`model.layers.0.self_attn.q_proj.weight`). By default only the attention and MLP projection
 matrices of the decoder blocks are selected; embeddings, lm_head, norms and biases are opt-in
-through `include`. Downstream, a 1-D tensor of length m is treated as the m×1 matrix (its
+through `include`, whose entries are regexes or named tensor sets (`TENSOR_SETS`: `@default`, and
+`@paper`, every tensor the checkpoints store, as the authors' code projects). Downstream, a 1-D tensor of length m is treated as the m×1 matrix (its
 subspace is the span of the vector). Deltas keep the stored layout: GPT-2's Conv1D weights are
 (in, out), so their "left" side is the input space.
 
@@ -39,13 +40,31 @@ DEFAULT_INCLUDE = (
 )
 
 
+# Named tensor sets, usable as entries of `include` (`@name`). `@paper`: every stored tensor, embeddings
+# and 1-D tensors (norms, biases) included; a 1-D tensor's subspace is that of its m×1 column.
+TENSOR_SETS: dict[str, tuple[str, ...]] = {"default": DEFAULT_INCLUDE, "paper": (r".",)}
+
+
+def _expand_sets(patterns: Iterable[str], what: str) -> list[str]:
+    expanded = []
+    for p in patterns:
+        if isinstance(p, str) and p.startswith("@"):
+            if p[1:] not in TENSOR_SETS:
+                known = ", ".join(f"@{name}" for name in TENSOR_SETS)
+                raise ValueError(f"unknown tensor set {p!r} in {what}; known: {known}")
+            expanded += TENSOR_SETS[p[1:]]
+        else:
+            expanded.append(p)
+    return expanded
+
+
 def _patterns(patterns: str | Iterable[str] | None, what: str) -> list[re.Pattern]:
     if patterns is None:
         return []
     if isinstance(patterns, str):
         patterns = [patterns]
     compiled = []
-    for p in patterns:
+    for p in _expand_sets(patterns, what):
         try:
             compiled.append(re.compile(p))
         except re.error as err:
@@ -58,7 +77,8 @@ def select_names(
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
 ) -> list[str]:
-    """Names matching any `include` regex (re.search; None → DEFAULT_INCLUDE) and no `exclude` regex, in order."""
+    """Names matching any `include` regex or tensor set (re.search; None → DEFAULT_INCLUDE) and no `exclude`
+    regex, in order."""
     inc = _patterns(DEFAULT_INCLUDE if include is None else include, "include")
     exc = _patterns(exclude, "exclude")
     return [n for n in names if any(p.search(n) for p in inc) and not any(p.search(n) for p in exc)]

@@ -130,6 +130,17 @@ def format_prompt(tokenizer, prompt: str, history: Sequence[tuple[str, str]] = (
     return _render(tokenizer, [*messages, {"role": "user", "content": prompt}], add_generation_prompt=True)
 
 
+def raw_prompt(tokenizer, prompt: str) -> str:
+    """`prompt` as plain text with no chat template (the paper's AdvBench prompts), starting with the BOS
+    token where the tokenizer adds one itself, as `tokenizer(prompt)` and vLLM's `generate` do."""
+    _check_text("prompt", prompt)
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if bos is None or bos_id is None or prompt.startswith(bos):
+        return prompt
+    adds_bos = tokenizer(prompt, add_special_tokens=True)["input_ids"][:1] == [bos_id]
+    return f"{bos}{prompt}" if adds_bos and encode_text(tokenizer, prompt)[:1] != [bos_id] else prompt
+
+
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """Token ids of `format_prompt(tokenizer, prompt)`, exactly as training tokenizes the prompt."""
     return encode_text(tokenizer, format_prompt(tokenizer, prompt))

@@ -93,18 +93,22 @@ def evaluate_harm(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
+    chat_template: bool = True,
 ) -> tuple[dict[str, float], list[dict]]:
     """Greedy responses to harmful prompts, judged: (metrics, this rank's per-sample rows).
+
+    Prompts go through the tokenizer's chat template, or with `chat_template=False` as raw text (the paper's
+    AdvBench protocol: `safeproj.data.templates.raw_prompt`).
 
     `judge` defaults to `RefusalJudge`. The refusal rate always comes from refusal-phrase matching
     of the response, so it is comparable across judges. With world_size > 1 each rank takes every
     world_size-th prompt and the summed metric states are synced.
     """
-    from safeproj.data.templates import format_prompt
+    from safeproj.data.templates import format_prompt, raw_prompt
 
     judge = judge if judge is not None else RefusalJudge()
     prompts = load_harmful_prompts(dataset, limit=num_samples, seed=seed)[rank::world_size]
-    formatted = [format_prompt(tokenizer, p) for p in prompts]
+    formatted = [format_prompt(tokenizer, p) if chat_template else raw_prompt(tokenizer, p) for p in prompts]
     responses = generate(model, tokenizer, formatted, max_new_tokens, batch_size, desc="harm", progress=progress)
     judgments = judge.judge(list(zip(prompts, responses)))
     if len(judgments) != len(prompts):

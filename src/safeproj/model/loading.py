@@ -15,13 +15,14 @@ import os
 from pathlib import Path
 
 import torch
+import yaml
 from lightning.pytorch.utilities import rank_zero_info
 
 from safeproj.data.synthetic import CORPUS_VERSION
 from safeproj.data.templates import CHAT_TEMPLATE
 from safeproj.io import atomic_dir
-from safeproj.model.hub import checkpoint_dir, is_hub_name
-from safeproj.runs import SAFETY_PRESET_CONFIGS, SAFETY_RECIPE, config_path, recipe_path
+from safeproj.model.hub import cached_checkpoint, checkpoint_dir, is_hub_name, split_name
+from safeproj.runs import SAFETY_HUB_CONFIGS, SAFETY_PRESET_CONFIGS, SAFETY_RECIPE, config_path, recipe_path
 
 PRESETS = ("tiny", "smollm2-135m")  # each also as "<preset>-safety"
 SAFETY_SUFFIX = "-safety"
@@ -147,7 +148,7 @@ def resolve(name: str, seed: int = 0) -> str:
 
 
 class PrerequisiteMissing(ValueError):
-    """A cached prerequisite (a safety-tuned preset) has not been made yet."""
+    """A cached prerequisite (a safety-tuned preset or hub model) has not been made yet."""
 
     def __init__(self, preset: str):
         self.preset = preset
@@ -157,20 +158,51 @@ class PrerequisiteMissing(ValueError):
         )
 
 
-def safety_dir(preset: str) -> Path:
-    """Where the safety-tuned version of `preset` is cached (whether or not it exists yet).
+def can_safety_tune(model: str) -> bool:
+    """Whether `model` has a safety-tuned version safeproj can make: a preset or a hub name."""
+    return model in PRESETS or is_hub_name(model)
 
-    The folder name carries a fingerprint of what makes the model (the recipe, the preset's config
-    and the built-in corpus version), so a change to any of them makes a new model instead of
-    reusing one trained on other data.
+
+def safety_configs(model: str) -> list[str]:
+    """The configs (under configs/) layered on SAFETY_RECIPE to safety-tune `model`, in order."""
+    if model in PRESETS:
+        return [SAFETY_PRESET_CONFIGS[model]] if model in SAFETY_PRESET_CONFIGS else []
+    return [*_model_configs_naming(model), *SAFETY_HUB_CONFIGS]
+
+
+def _model_configs_naming(model: str) -> list[str]:
+    """configs/model/*.yaml whose `model.model` is this hub model (its memory settings, e.g. checkpointing)."""
+    try:
+        folder = config_path("model")
+    except ValueError:  # no source tree: nothing to layer
+        return []
+    repo = split_name(model)[0]
+    found = []
+    for path in sorted(folder.glob("*.yaml")):
+        loaded = yaml.safe_load(path.read_text()) or {}
+        named = (loaded.get("model") or {}).get("model") if isinstance(loaded, dict) else None
+        if isinstance(named, str) and split_name(named)[0] == repo:
+            found.append(f"model/{path.name}")
+    return found
+
+
+def safety_dir(model: str) -> Path:
+    """Where the safety-tuned version of `model` (a preset or hub name) is cached, whether or not it exists yet.
+
+    The folder name carries a fingerprint of what makes the model (the recipe, the configs layered on it,
+    the built-in corpus version and, for a hub model, the cached snapshot's commit), so a change to any of
+    them makes a new model instead of reusing one trained on other data or from other weights.
     """
-    return cache_dir() / "models" / f"{preset}{SAFETY_SUFFIX}-{_safety_fingerprint(preset)}"
+    slug = model.replace("/", "--")
+    return cache_dir() / "models" / f"{slug}{SAFETY_SUFFIX}-{_safety_fingerprint(model)}"
 
 
-def _safety_fingerprint(preset: str) -> str:
-    digest = hashlib.sha256(f"{preset}:{CORPUS_VERSION}".encode())
-    files = [SAFETY_RECIPE] + ([SAFETY_PRESET_CONFIGS[preset]] if preset in SAFETY_PRESET_CONFIGS else [])
-    for name in files:
+def _safety_fingerprint(model: str) -> str:
+    digest = hashlib.sha256(f"{model}:{CORPUS_VERSION}".encode())
+    if model not in PRESETS:
+        snapshot = cached_checkpoint(model)
+        digest.update(f"snapshot:{snapshot.name if snapshot is not None else 'not cached'}".encode())
+    for name in [SAFETY_RECIPE, *safety_configs(model)]:
         try:
             path = recipe_path(name) if name == SAFETY_RECIPE else config_path(name)
             digest.update(path.read_bytes())
@@ -179,16 +211,16 @@ def _safety_fingerprint(preset: str) -> str:
     return digest.hexdigest()[:10]
 
 
-def safety_tuned_dir(preset: str) -> Path:
-    """The cached safety-tuned checkpoint of `preset`; PrerequisiteMissing if not made yet."""
-    if preset not in PRESETS:
+def safety_tuned_dir(model: str) -> Path:
+    """The cached safety-tuned checkpoint of `model` (a preset or hub name); PrerequisiteMissing if not made yet."""
+    if not can_safety_tune(model):
         raise ValueError(
-            f"no built-in safety tuning for {preset!r}; known: {', '.join(PRESETS)} "
-            "(for other models run recipes/safety_tune.yaml and pass its checkpoint)"
+            f"no safety tuning for {model!r}: give a preset ({', '.join(PRESETS)}) or a hub name 'org/name[@revision]' "
+            "(for a local checkpoint run recipes/safety_tune.yaml from it and pass 'TUNED,BASE')"
         )
-    target = safety_dir(preset)
+    target = safety_dir(model)
     if not (target / "config.json").is_file():
-        raise PrerequisiteMissing(preset)
+        raise PrerequisiteMissing(model)
     return target
 
 

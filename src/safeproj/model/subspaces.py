@@ -2,9 +2,10 @@
 
 A subspace spec is one of:
 - a basis artifact (`*.safetensors` written by `safeproj basis` or `Basis.save`);
-- `safety:<preset>`: Δ_S of a preset, its safety-tuned version minus itself (`safeproj prereq <preset>`
-  makes the safety-tuned version; the command line makes it on first use);
-- `safety`: Δ_S of the preset the run starts from (`<preset>` or `<preset>-safety`);
+- `safety:<model>`: Δ_S of a preset or a hub model `org/name[@revision]`, its safety-tuned version minus
+  itself (`safeproj prereq <model>` makes the safety-tuned version by running recipes/safety_tune.yaml; the
+  command line makes it on first use);
+- `safety`: Δ_S of the model the run starts from (`<preset>`, `<preset>-safety` or a hub name);
 - `alignment:<preset>`: Δ_A of one of the paper's models, its instruct/chat release minus its base release
   (`ALIGNMENT_PAIRS`, read from the Hugging Face hub cache);
 - `alignment`: Δ_A of the aligned hub model the run starts from (one of `ALIGNMENT_PAIRS`);
@@ -27,7 +28,7 @@ from safeproj.core.basis import Basis, build_basis_with
 from safeproj.core.deltas import CheckpointDelta, DeltaSource, delta_from_spec, select_names
 from safeproj.core.options import BasisOptions
 from safeproj.model.hub import checkpoint_dir, is_hub_name, split_name
-from safeproj.model.loading import PRESETS, SAFETY_SUFFIX, cache_dir, resolve, safety_tuned_dir
+from safeproj.model.loading import PRESETS, SAFETY_SUFFIX, cache_dir, can_safety_tune, resolve, safety_tuned_dir
 
 # Δ_A = aligned − base for the paper's five models: preset → (aligned release, base release) on the hub.
 ALIGNMENT_PAIRS = {
@@ -40,18 +41,30 @@ ALIGNMENT_PAIRS = {
 
 
 def expand_spec(spec: str, model_name: str | None) -> str:
-    """`safety` -> `safety:<preset>` and `alignment` -> `alignment:<preset>` for the model a run starts from."""
+    """`safety` -> `safety:<model>` and `alignment` -> `alignment:<preset>` for the model a run starts from."""
     if spec == "alignment":
         return f"alignment:{alignment_preset_of(model_name)}"
     if spec != "safety":
         return spec
-    preset = (model_name or "").removesuffix("-safety")
-    if preset not in PRESETS:
+    model = model_name or ""
+    if model.endswith(SAFETY_SUFFIX) and model.removesuffix(SAFETY_SUFFIX) in PRESETS:
+        model = model.removesuffix(SAFETY_SUFFIX)
+    if not can_safety_tune(model):
         raise ValueError(
-            f"subspace 'safety' needs a run that starts from a preset ({', '.join(PRESETS)} or <preset>-safety), "
-            f"not {model_name!r}; name the delta instead (e.g. 'safety:smollm2-135m' or 'TUNED,BASE')"
+            f"subspace 'safety' needs a run that starts from a preset ({', '.join(PRESETS)} or <preset>-safety) "
+            f"or a hub model 'org/name', not {model_name!r}; name the delta instead ('TUNED,BASE')"
         )
-    return f"safety:{preset}"
+    return f"safety:{model}"
+
+
+def safety_target(spec: str) -> str:
+    """The model a `safety:<model>` spec safety-tunes: a preset or a hub name, else a one-line ValueError."""
+    model = spec.split(":", 1)[1]
+    if not can_safety_tune(model):
+        raise ValueError(
+            f"no safety tuning for {model!r}: give a preset ({', '.join(PRESETS)}) or a hub name 'org/name[@revision]'"
+        )
+    return model
 
 
 def alignment_pair(preset: str) -> tuple[str, str]:
@@ -84,12 +97,13 @@ def checkpoint_path(name: str, download: bool = True) -> str:
 
 
 def delta_source(spec: str, include=None, exclude=None, download: bool = True) -> DeltaSource:
-    """A delta spec, with `safety:<preset>` meaning Δ_S of that preset and `alignment:<preset>` Δ_A of a paper
-    model; the checkpoints of `TUNED,BASE` may be presets or hub names. With `download=False` a hub model
-    missing from the cache raises `safeproj.model.hub.HubModelMissing` instead of being fetched."""
+    """A delta spec, with `safety:<model>` meaning Δ_S of a preset or hub model and `alignment:<preset>` Δ_A of
+    a paper model; the checkpoints of `TUNED,BASE` may be presets or hub names. With `download=False` a hub
+    model missing from the cache raises `safeproj.model.hub.HubModelMissing` instead of being fetched."""
     if spec.startswith("safety:"):
-        preset = spec.split(":", 1)[1]
-        return CheckpointDelta(str(safety_tuned_dir(preset)), resolve(preset), include=include, exclude=exclude)
+        model = safety_target(spec)
+        tuned = str(safety_tuned_dir(model))  # PrerequisiteMissing until `safeproj prereq <model>` made it
+        return CheckpointDelta(tuned, checkpoint_path(model, download), include=include, exclude=exclude)
     if spec.startswith("alignment:"):
         aligned, base = alignment_pair(spec.split(":", 1)[1])
         return CheckpointDelta(checkpoint_path(aligned, download), checkpoint_path(base, download), include, exclude)

@@ -155,6 +155,12 @@ def run_config(
 
 def check_cell(cell: Cell, sweep: Sweep, out: Path) -> None:
     """Parse a cell's layered config with the CLI's parser, building nothing; ValueError naming the cell."""
+    parse_cell(cell, sweep, out)
+
+
+def parse_cell(cell: Cell, sweep: Sweep, out: Path) -> Any:
+    """A cell's full config (its first seed's) as the CLI parses and checks it, building nothing; ValueError
+    naming the cell."""
     from safeproj.commands.fit import SafeprojCLI
 
     class ParseOnly(SafeprojCLI):
@@ -173,7 +179,7 @@ def check_cell(cell: Cell, sweep: Sweep, out: Path) -> None:
         errors = io.StringIO()
         try:
             with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
-                ParseOnly(run=False, args=args)
+                return ParseOnly(run=False, args=args).config
         except SystemExit:
             raise ValueError(
                 f"cell {cell.name!r}: its config does not parse: {_parse_error(errors.getvalue())}"

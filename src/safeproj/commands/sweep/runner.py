@@ -35,7 +35,7 @@ from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from safeproj.commands import COMMANDS
-from safeproj.commands.prereq import presets_needed
+from safeproj.commands.prereq import safety_models_needed
 from safeproj.commands.sweep.config import after_arguments, check_cell, read_yaml, run_config
 from safeproj.commands.sweep.spec import AFTER_DIR, AFTER_FILE, Cell, Sweep, load_spec
 from safeproj.io import write_json, write_text
@@ -168,32 +168,40 @@ def _env(sweep: Sweep) -> dict[str, str]:
     return env
 
 
-def _presets(sweep: Sweep) -> list[str]:
-    """Presets whose safety-tuned version the runs need (`<preset>-safety` models, `safety:<preset>` specs)."""
-    values: list[Any] = []
+def cell_model(cell: Cell) -> str | None:
+    """The model a cell's runs start from: its `model.model` override, else the last config that sets one."""
+    if "model.model" in cell.overrides:
+        return cell.overrides["model.model"]
+    model = None
+    for path in [cell.recipe, *cell.configs]:
+        model = (read_yaml(path).get("model") or {}).get("model", model)
+    return model
+
+
+def _safety_models(sweep: Sweep) -> list[str]:
+    """Models whose safety-tuned version the runs need (`<preset>-safety`, `safety:<model>`, bare `safety`)."""
+    found: list[str] = []
     for cell in sweep.cells:
-        if "model.model" not in cell.overrides:
-            values.append((read_yaml(cell.recipe).get("model") or {}).get("model"))
-        values.append(cell.overrides)
-    values.extend(step.args for step in sweep.after)
-    return presets_needed(values)
+        found += safety_models_needed({"model": {"model": cell_model(cell)}, "set": cell.overrides})
+    found += safety_models_needed([step.args for step in sweep.after])
+    return list(dict.fromkeys(found))
 
 
 def _prepare(sweep: Sweep, out_dir: Path, env: dict[str, str]) -> None:
-    """Make the safety-tuned presets once, before the runs, in a process of their own.
+    """Make the safety-tuned models once, before the runs, in a process of their own.
 
-    A run would otherwise make them inside its own model set-up, costing the first run minutes and
-    mixing that work into its log.
+    A run would otherwise make them inside its own model set-up, costing the first run minutes (hours for
+    a hub model) and mixing that work into its log.
     """
-    presets = _presets(sweep)
-    if not presets:
+    models = _safety_models(sweep)
+    if not models:
         return
     log = out_dir / "prepare.log"
-    tqdm.write(f"preparing safety-tuned presets: {', '.join(presets)} (made once, then cached)")
-    for preset in presets:
-        code_rc = launch([sys.executable, "-m", "safeproj.cli", "prereq", preset], log, env)
+    tqdm.write(f"preparing safety-tuned models: {', '.join(models)} (made once, then cached)")
+    for model in models:
+        code_rc = launch([sys.executable, "-m", "safeproj.cli", "prereq", model], log, env)
         if code_rc != 0:
-            raise ValueError(f"preparing preset {preset} failed (exit {code_rc}); see {log}")
+            raise ValueError(f"preparing the safety-tuned {model} failed (exit {code_rc}); see {log}")
 
 
 def fit_command(cell: Cell, run_dir: Path, overrides: Path) -> list[str]:
