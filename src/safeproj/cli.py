@@ -14,7 +14,9 @@ from safeproj.commands import COMMANDS, TRAINER_COMMANDS
 def main(args: list[str] | None = None) -> None:
     """`safeproj <command> ...`; bare `safeproj` and `safeproj --help` list the commands."""
     from safeproj.commands.errors import split_debug
+    from safeproj.commands.lifetime import follow_parent_if_asked
 
+    follow_parent_if_asked()
     args, debug = split_debug(sys.argv[1:] if args is None else list(args))
     if not args or args[0] in ("-h", "--help"):
         from safeproj.commands.dispatch import overview

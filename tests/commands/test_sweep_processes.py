@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from safeproj.commands.lifetime import FOLLOW_PARENT_ENV
 from safeproj.commands.sweep import runner
 from safeproj.io import write_json
 
@@ -75,6 +76,40 @@ def test_killed_sweep_takes_its_run_along(tmp_path):
         for pid in (run, grandchild):  # the grandchild has no parent-death signal of its own
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# As RUN, but the grandchild is a safeproj process (as DDP ranks are) that follows its parent when asked to.
+RUN_WITH_RANK = (
+    "import os, subprocess, sys, time; "
+    "code = 'from safeproj.commands.lifetime import follow_parent_if_asked; follow_parent_if_asked(); "
+    "import time; time.sleep(60)'; "
+    "child = subprocess.Popen([sys.executable, '-c', code]); "
+    "print('pids', os.getpid(), child.pid, flush=True); time.sleep(60)"
+)
+
+
+def test_killed_sweep_takes_the_runs_own_children_along(tmp_path):
+    log = tmp_path / "run.log"
+    env = {**os.environ, FOLLOW_PARENT_ENV: "1"}  # what the sweep's `_env` sets for every run
+    sweep = multiprocessing.get_context("fork").Process(
+        target=runner.launch, args=([sys.executable, "-c", RUN_WITH_RANK], log, env)
+    )
+    sweep.start()
+    run, rank = _pids(log)
+    time.sleep(1.0)  # the grandchild sets its parent-death signal at start-up
+    try:
+        sweep.kill()
+        sweep.join()
+        assert _gone(run, rank, within=10.0), "the run or the process it started outlived the killed sweep"
+    finally:
+        for pid in (run, rank):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_runs_are_asked_to_take_their_children_along():
+    env = runner._env(SimpleNamespace(env={"X": "1"}))
+    assert env[FOLLOW_PARENT_ENV] == "1" and env["X"] == "1"
 
 
 def test_stopped_sweep_stops_the_run_and_what_it_started(tmp_path):

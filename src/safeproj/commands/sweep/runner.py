@@ -7,7 +7,6 @@ that uses it belong together; splitting them would put one half of each protocol
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib
 import importlib.util
 import inspect
@@ -35,6 +34,7 @@ from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from safeproj.commands import COMMANDS
+from safeproj.commands.lifetime import FOLLOW_PARENT_ENV, die_with_parent
 from safeproj.commands.prereq import safety_models_needed
 from safeproj.commands.sweep.config import after_arguments, check_cell, read_yaml, run_config
 from safeproj.commands.sweep.spec import AFTER_DIR, AFTER_FILE, Cell, Sweep, load_spec
@@ -44,9 +44,6 @@ from safeproj.runs import SUMMARY_FILE
 INDEX_FILE = "index.jsonl"
 RUN_LOG = "run.log"
 LOCK_FILE = ".sweep.lock"
-
-
-PR_SET_PDEATHSIG = 1  # prctl option (Linux): a signal the kernel sends a process when its parent dies
 
 
 def launch(cmd: list[str], log: Path, env: dict[str, str], keep_fds: Sequence[int] = ()) -> int:
@@ -60,7 +57,7 @@ def launch(cmd: list[str], log: Path, env: dict[str, str], keep_fds: Sequence[in
         out.write(f"$ {' '.join(cmd)}\n".encode())
         process = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            preexec_fn=_die_with_parent(), pass_fds=tuple(keep_fds),
+            preexec_fn=die_with_parent(), pass_fds=tuple(keep_fds),
         )  # fmt: skip
         try:
             return process.wait()
@@ -78,21 +75,6 @@ def launch(cmd: list[str], log: Path, env: dict[str, str], keep_fds: Sequence[in
 def _signal_group(pgid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A pre-exec step asking the kernel to SIGKILL the child when this process dies (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: the child only calls it
-    parent = os.getpid()
-
-    def set_up() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the sweep died before prctl took effect
-            os._exit(1)
-
-    return set_up
 
 
 @contextlib.contextmanager
@@ -163,6 +145,7 @@ def _now() -> str:
 def _env(sweep: Sweep) -> dict[str, str]:
     env = {**os.environ, **sweep.env}
     env["PYTHONUNBUFFERED"] = "1"
+    env[FOLLOW_PARENT_ENV] = "1"  # what a run starts (DDP ranks) dies with it, as the run dies with the sweep
     # Each run starts its own W&B service: sharing this process's would keep a killed run's id "in use".
     env.pop("WANDB_SERVICE", None)
     return env
