@@ -14,6 +14,12 @@
 4. PosthocProjection peak memory: in a fresh process, the anonymous RSS sampled while its train-end
    work runs (reference spectra, then each variant, every selection at --posthoc-fracs, put into the
    model and restored; no evaluator), above the RSS of the trained model, against the model's bytes.
+5. Sharded (FSDP2) projection traffic per optimizer step, counted from the basis: the left side
+   all-reduces one k×n float32 product per tensor (the right side sends nothing), against the float32
+   gradient reduce-scatter of the whole model (and against FSDP2's whole step, whose two weight
+   all-gathers send twice the reduce-scatter again). Ring collectives send 2(p−1)/p of an all-reduce's
+   payload and (p−1)/p of a reduce-scatter's per rank, so the ratio of bytes on the wire does not
+   depend on the number of processes p.
 
     python benchmarks/projection.py [--out benchmarks/results/projection.json] [--quick] [--parts memory size posthoc]
 """
@@ -41,7 +47,7 @@ from safeproj.core.targets import find_targets
 from safeproj.io import write_json
 from safeproj.model.loading import load_model, resolve
 
-PARTS = ("overhead", "memory", "size", "posthoc")
+PARTS = ("overhead", "memory", "size", "posthoc", "sharded")
 
 
 def rss_anon() -> int:
@@ -304,6 +310,33 @@ def basis_sizes(model_name: str, fracs, tmp: Path) -> list[dict]:
     return rows
 
 
+def sharded_traffic(model_name: str, fracs, tmp: Path) -> list[dict]:
+    base = resolve(model_name)
+    tuned = perturbed_copy(base, tmp / f"tuned-sharded-{model_name}")
+    source = CheckpointDelta(str(tuned), base)
+    model, _ = load_model(model_name)
+    gradient_bytes = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rows = []
+    for frac in fracs:
+        for side in ("left", "right"):
+            basis = build_basis(source, frac=frac, side=side, progress=False)
+            # The all-reduced product is Qᵀ·Δ: stored columns of Q (k, or m − k for a complement) × n.
+            payload = sum(4 * e.left.Q.shape[1] * e.shape[1] for e in basis.entries.values() if e.left is not None)
+            rows.append(
+                {
+                    "model": model_name,
+                    "frac": frac,
+                    "side": side,
+                    "projection_allreduce_payload_bytes": payload,
+                    "gradient_reduce_scatter_payload_bytes": gradient_bytes,
+                    "wire_bytes_over_reduce_scatter": 2 * payload / gradient_bytes,
+                    # FSDP2's own step: all-gathers in forward and backward plus the reduce-scatter.
+                    "wire_bytes_over_fsdp_step": 2 * payload / (3 * gradient_bytes),
+                }
+            )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/projection.json")
@@ -342,6 +375,7 @@ def main() -> None:
         "build_memory": [],
         "basis_size": [],
         "posthoc_memory": [],
+        "sharded_traffic": [],
     }
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -365,6 +399,8 @@ def main() -> None:
             if "posthoc" in args.parts:
                 result["posthoc_memory"].append(posthoc_memory(name, args.posthoc_fracs, tmp))
                 print(json.dumps(result["posthoc_memory"][-1]), flush=True)
+            if "sharded" in args.parts:
+                result["sharded_traffic"] += sharded_traffic(name, args.size_fracs, tmp)
     write_json(args.out, result)
     print(f"wrote {args.out}")
 

@@ -18,6 +18,15 @@ from safeproj.core.energy import energy_row, pool
 from safeproj.core.names import parse_name
 from safeproj.core.options import KEEPS, BasisSide, Keep, Selection
 from safeproj.core.projector import project, project_left, project_right
+from safeproj.core.sharded import (
+    is_sharded,
+    project_left_rows,
+    project_right_rows,
+    project_rows,
+    project_rows_in_place,
+    row_shard,
+    sum_energies,
+)
 from safeproj.core.targets import Target, find_targets
 from safeproj.model.subspaces import basis_file, expand_spec, resolve_basis
 from safeproj.runs import content_sha256
@@ -42,6 +51,10 @@ class OnlineProjection(Callback):
     A (A·Q); in update mode this needs no W₀ because B starts at zero. Both modes project the factors
     once at fit start (A starts random, and projected gradients alone would leave it so). P_k⊥ on both
     sides at once is not expressible on the factors and is refused.
+
+    FSDP2 (weights as DTensors sharded by rows, see `SafeprojLM.configure_model`): each process keeps W₀
+    for its own rows and projects its rows alone; the left side adds one all-reduce of the k×n product
+    QᵀΔ per tensor and step, the right side none. No weight is gathered.
 
     Args:
         subspace: basis artifact, `safety:<preset>`, or a delta spec (see `safeproj.model.subspaces`).
@@ -105,6 +118,7 @@ class OnlineProjection(Callback):
         self._resumed = False
         # Diagnostics of the step being measured: weights before it, and removed / total energy per module type.
         self._measuring = False
+        self._sharded = False
         self._before: dict[str, list[torch.Tensor]] = {}
         self._energy: dict[str, list[float]] = {}
 
@@ -129,6 +143,10 @@ class OnlineProjection(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # configure_model (FSDP2) runs after setup and replaces the parameters: find them again.
+        with misconfigured("OnlineProjection"):
+            self.targets = find_targets(pl_module.model, self.basis)
+        self._sharded = any(is_sharded(p) for t in self.targets for p in _tensors(t))
         for t in self.targets:
             # Factors live beside their weights, so no step copies them between devices.
             device = (t.lora_b if t.is_lora else t.weight).device
@@ -161,9 +179,10 @@ class OnlineProjection(Callback):
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
         n = self.log_every_n_steps
-        self._measuring = n > 0 and trainer.global_step % n == 0 and trainer.is_global_zero
+        # Sharded energies are sums over every process's rows, so every process measures.
+        self._measuring = n > 0 and trainer.global_step % n == 0 and (trainer.is_global_zero or self._sharded)
         if self._measuring and self.on == "update":
-            self._before = {t.name: [p.detach().clone() for p in _tensors(t)] for t in self.targets}
+            self._before = {t.name: [_local(p).clone() for p in _tensors(t)] for t in self.targets}
         if self.on == "grad":
             self.project_grads()
 
@@ -180,6 +199,8 @@ class OnlineProjection(Callback):
         self._energy = {}
         if self.on == "update":  # grad mode keeps no W₀, so its cumulative update is not at hand
             metrics["projection/cumulative_share"] = self.cumulative_share()
+        if not trainer.is_global_zero:
+            return
         # Straight to the loggers: `pl_module.log` would drop values on steps Lightning does not log.
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
@@ -194,14 +215,17 @@ class OnlineProjection(Callback):
     def project_grads(self) -> None:
         for t in self.targets:
             entry = self.basis.entries[t.name]
-            grads = [p.grad for p in _tensors(t) if p.grad is not None]
+            grads = [_local(p.grad) for p in _tensors(t) if p.grad is not None]
             raw = [g.clone() for g in grads] if self._measuring else None
             if t.is_lora:
                 self._project_factors(entry, t.lora_b.grad, t.lora_a.grad)
+            elif is_sharded(t.weight.grad):
+                shard = row_shard(t.weight.grad)
+                shard.local.copy_(project_rows(shard.local, shard.start, entry, self.keep, shard.sum_over_rows))
             elif t.weight.grad is not None:
                 t.weight.grad.copy_(project(t.weight.grad, entry, self.keep))
             if raw is not None:
-                self._add_energy(t.name, raw, grads, [torch.zeros_like(g) for g in grads])
+                self._add_energy(t, raw, grads, [torch.zeros_like(g) for g in grads])
         self._measuring = False
         self.projected_steps += 1
 
@@ -213,10 +237,10 @@ class OnlineProjection(Callback):
     def project_weights(self) -> None:
         for t in self.targets:
             before = self._before.pop(t.name, None)
-            stepped = [p.detach().clone() for p in _tensors(t)] if before is not None else None
+            stepped = [_local(p).clone() for p in _tensors(t)] if before is not None else None
             self._project_target(t)
             if before is not None:
-                self._add_energy(t.name, stepped, [p.detach() for p in _tensors(t)], before)
+                self._add_energy(t, stepped, [_local(p) for p in _tensors(t)], before)
         self._measuring = False
 
     @torch.no_grad()
@@ -225,16 +249,38 @@ class OnlineProjection(Callback):
         up to rounding, so it shows the projection holding (update mode; NaN before any update)."""
         rows = []
         for t in self.targets:
+            entry = self.basis.entries[t.name]
+            if any(is_sharded(p) for p in _tensors(t)):
+                rows.append(self._sharded_energy_row(t, entry))
+                continue
             update = t.delta_weight() if t.is_lora else t.weight.float() - self._initial[t.name].float()
-            rows.append(energy_row(update, self.basis.entries[t.name]))
+            rows.append(energy_row(update, entry))
         return pool(rows)["share"]
 
-    def _add_energy(self, name: str, stepped: list, projected: list, before: list) -> None:
-        """Adds ‖stepped − projected‖² (removed) and ‖stepped − before‖² (the update) to `name`'s module type."""
-        totals = self._energy.setdefault(parse_name(name)[1], [0.0, 0.0])
-        for s, p, b in zip(stepped, projected, before):
-            totals[0] += float((s.float() - p.float()).square().sum())
-            totals[1] += float((s.float() - b.float()).square().sum())
+    def _sharded_energy_row(self, t: Target, entry) -> dict:
+        """‖PΔ‖² and ‖Δ‖² of a row-sharded weight: local rows' squares summed over the processes."""
+        if t.is_lora:
+            # Rows of ΔW = s·B·A: this process's rows of B times the whole of A (r×n, gathered: it is small).
+            shard = row_shard(t.lora_b)
+            a = t.lora_a.full_tensor() if is_sharded(t.lora_a) else t.lora_a
+            update = t.scaling * (shard.local.float() @ a.detach().float())
+        else:
+            shard = row_shard(t.weight)
+            update = shard.local.float() - self._initial[t.name].float()
+        kept = project_rows(update, shard.start, entry, "parallel", shard.sum_over_rows)
+        kept_sq, total = sum_energies([float(kept.square().sum()), float(update.square().sum())], update, shard.groups)
+        return {"kept": kept_sq if total > 0 else 0.0, "total": total}
+
+    def _add_energy(self, t: Target, stepped: list, projected: list, before: list) -> None:
+        """Adds ‖stepped − projected‖² (removed) and ‖stepped − before‖² (the update) to `t`'s module type."""
+        removed = sum(float((s.float() - p.float()).square().sum()) for s, p in zip(stepped, projected))
+        update = sum(float((s.float() - b.float()).square().sum()) for s, b in zip(stepped, before))
+        sharded = [p for p in _tensors(t) if is_sharded(p)]
+        if sharded:  # local rows: sum over the processes that share them
+            removed, update = sum_energies([removed, update], stepped[0], row_shard(sharded[0]).groups)
+        totals = self._energy.setdefault(parse_name(t.name)[1], [0.0, 0.0])
+        totals[0] += removed
+        totals[1] += update
 
     def _log_provenance(self, trainer: Trainer) -> None:
         if not trainer.is_global_zero:
@@ -261,6 +307,8 @@ class OnlineProjection(Callback):
         entry = self.basis.entries[t.name]
         if t.is_lora:
             self._project_factors(entry, t.lora_b, t.lora_a)
+        elif is_sharded(t.weight):
+            self._project_shard(t.weight, self._initial[t.name], entry)
         elif t.weight.dtype == torch.float32 and t.weight.ndim == 2 and (entry.left is None) != (entry.right is None):
             self._project_in_place(t.weight, self._initial[t.name], entry)
         else:
@@ -286,11 +334,31 @@ class OnlineProjection(Callback):
         else:
             w.addmm_(delta @ Q, Q.T, alpha=-1.0 if drop else 1.0)
 
+    def _project_shard(self, w: torch.Tensor, w0: torch.Tensor, entry) -> None:
+        """W ← W₀ + P(W − W₀) on this process's rows of a row-sharded weight (W₀ holds the same rows)."""
+        shard = row_shard(w)
+        local = shard.local
+        if local.dtype == torch.float32 and (entry.left is None) != (entry.right is None):
+            project_rows_in_place(local, w0, shard.start, entry, self.keep, shard.sum_over_rows)
+        else:
+            delta = project_rows(local.float() - w0.float(), shard.start, entry, self.keep, shard.sum_over_rows)
+            local.copy_(w0.float() + delta)
+
     def _project_factors(self, entry, b: torch.Tensor | None, a: torch.Tensor | None) -> None:
         if entry.left is not None and b is not None:
-            b.copy_(project_left(b, entry.left, self.keep))
+            if is_sharded(b):  # B (out×r) sharded by rows: the left side sums over them
+                shard = row_shard(b)
+                shard.local.copy_(
+                    project_left_rows(shard.local, shard.start, entry.left, self.keep, shard.sum_over_rows)
+                )
+            else:
+                b.copy_(project_left(b, entry.left, self.keep))
         if entry.right is not None and a is not None:
-            a.copy_(project_right(a, entry.right, self.keep))
+            if is_sharded(a):  # A (r×in) sharded by rows: the right side acts on each row alone
+                shard = row_shard(a)
+                shard.local.copy_(project_right_rows(shard.local, entry.right, self.keep))
+            else:
+                a.copy_(project_right(a, entry.right, self.keep))
 
     def _start_weights(self, pl_module: LightningModule) -> dict[str, torch.Tensor]:
         """W₀ of the plain targets, on their devices. A fresh run takes the weights as they are. A resumed
@@ -299,9 +367,9 @@ class OnlineProjection(Callback):
         W₀ + range(P), and every point of it defines the same projection up to rounding."""
         plain = [t for t in self.targets if not t.is_lora]
         if not self._resumed:
-            return {t.name: t.weight.detach().clone() for t in plain}
+            return {t.name: _local(t.weight).clone() for t in plain}
         run = RunDelta(plain, getattr(pl_module, "base_dir", None))
-        return {t.name: run.start(t.name).to(device=t.weight.device, dtype=t.weight.dtype, copy=True) for t in plain}
+        return {t.name: _local_rows(run.start(t.name), t.weight) for t in plain}
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -312,6 +380,19 @@ class OnlineProjection(Callback):
         # Lightning restores callbacks before on_fit_start: this run continues a checkpoint.
         self.projected_steps = int(state_dict.get("projected_steps", 0))
         self._resumed = True
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This process's part of a parameter or gradient (its rows under FSDP2), detached."""
+    return (row_shard(p).local if is_sharded(p) else p).detach()
+
+
+def _local_rows(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A copy of the rows of `full` that this process holds of `like`, on its device and in its dtype."""
+    if is_sharded(like):
+        shard = row_shard(like)
+        full = full[shard.start : shard.start + shard.local.shape[0]]
+    return full.to(device=like.device, dtype=like.dtype, copy=True)
 
 
 def _tensors(t: Target) -> list[torch.Tensor]:

@@ -9,8 +9,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
+from safeproj.core.targets import hf_name
 from safeproj.io import atomic_dir
 from safeproj.model.loading import load_model, resolve
 from safeproj.runs import RUN_MANIFEST
@@ -121,6 +125,24 @@ class SafeprojLM(L.LightningModule):
         return self.hparams.lora is not None
 
     @override
+    def configure_model(self) -> None:
+        """Shards the model with FSDP2 under a device mesh (`ModelParallelStrategy`); otherwise does nothing.
+
+        Each decoder block, then the root, becomes its own FSDP2 unit: parameters turn into DTensors
+        sharded by rows over the data-parallel processes. Calling it again leaves sharded modules alone.
+        """
+        mesh = _data_parallel_mesh(self)
+        if mesh is None:
+            return
+        if isinstance(self.model, FSDPModule):
+            return
+        blocks = set(getattr(_base_model(self.model), "_no_split_modules", None) or ())
+        for module in self.model.modules():
+            if type(module).__name__ in blocks and not isinstance(module, FSDPModule):
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    @override
     def forward(self, **batch):
         return self.model(**batch)
 
@@ -155,9 +177,10 @@ class SafeprojLM(L.LightningModule):
             # Built-in or hub weights without a plain local copy: keep the start for later diffs.
             # On resume the weights are already restored, so an existing copy is kept, not rewritten.
             target = Path(self.trainer.default_root_dir) / "initial"
+            full = _full_state_dict(self.model)  # sharded weights: every process joins the gather
             if self.trainer.is_global_zero and not (target / "config.json").is_file():
                 save_hf_checkpoint(
-                    _base_model(self.model), self.tokenizer, target, state_dict=_base_state_dict(self.model)
+                    _base_model(self.model), self.tokenizer, target, state_dict=_base_state_dict(self.model, full)
                 )
             self.trainer.strategy.barrier("safeproj-initial")
             self.base_dir = str(target.resolve())
@@ -172,11 +195,35 @@ class SafeprojLM(L.LightningModule):
             "recipe": self.recipe,
             "global_step": int(self.trainer.global_step),
         }
+        # Sharded weights are gathered on every process (a collective), then written by rank zero.
+        state_dict = _full_state_dict(self.model)
         if self.trainer.is_global_zero:
-            save_hf_checkpoint(self.model, self.tokenizer, target, manifest=manifest)
+            save_hf_checkpoint(self.model, self.tokenizer, target, manifest=manifest, state_dict=state_dict)
             rank_zero_info(f"Saved checkpoint to {target}")
         self.checkpoint_path = str(target)
         _record_checkpoint(self.trainer, str(target))
+
+
+def _data_parallel_mesh(module: L.LightningModule):
+    """The mesh FSDP2 shards over: the strategy's data-parallel dimension, or None without a device mesh."""
+    mesh = getattr(module, "device_mesh", None)
+    if mesh is None:
+        return None
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            "SafeprojLM shards with FSDP2 only: set ModelParallelStrategy(data_parallel_size=<processes>, "
+            f"tensor_parallel_size=1), got tensor_parallel_size={mesh['tensor_parallel'].size()}"
+        )
+    return mesh["data_parallel"] if "data_parallel" in names else mesh
+
+
+def _full_state_dict(model) -> dict[str, torch.Tensor] | None:
+    """When the weights are DTensors, the whole state dict gathered to rank zero's CPU (other ranks get an
+    empty dict; every rank must call this); otherwise None, and the model's own state dict serves."""
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return None
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _weights_dir(path: str) -> str | None:
@@ -190,8 +237,11 @@ def _base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _base_state_dict(model) -> dict[str, torch.Tensor] | None:
-    """The plain Hugging Face state dict of a (possibly PEFT-wrapped) model, adapters left out."""
+def _base_state_dict(model, full: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
+    """The plain Hugging Face state dict of a (possibly PEFT-wrapped) model, adapters left out; from `full`
+    (the model's gathered state dict, when sharded) where given."""
+    if full is not None:
+        return {hf_name(name): tensor for name, tensor in full.items() if "lora_" not in name}
     if not hasattr(model, "get_base_model"):
         return None
     return {

@@ -1,0 +1,71 @@
+"""Run by test_fsdp.py: SafeprojLM (tiny) + AdamW + OnlineProjection, one process or two FSDP2 processes (gloo).
+
+Rank r writes its full final weights and the logged projection metrics to <out>/rank<r>.pt. Two
+processes each see half of every global batch (as in ddp_worker), so both set-ups take the same steps.
+"""
+
+import sys
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.tensor import DTensor
+
+from helpers.ddp_worker import Halves
+from helpers.projection import Capture
+from safeproj.callbacks.online_projection import OnlineProjection
+from safeproj.model.module import LoraSettings, SafeprojLM
+
+STEPS = 4
+
+
+class Block(torch.utils.data.Sampler):
+    """Rank r takes the contiguous block [r*STEPS, (r+1)*STEPS) of Halves' rank-major layout."""
+
+    def __iter__(self):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return iter(range(rank * STEPS, (rank + 1) * STEPS))
+
+    def __len__(self):
+        return STEPS
+
+
+def main(out, devices, basis, on, lora="full"):
+    devices = int(devices)
+    L.seed_everything(0)
+    adapters = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "o_proj", "down_proj"])
+    module = SafeprojLM("tiny", lr=1e-2, warmup_ratio=0.0, lora=adapters if lora == "lora" else None)
+    module.base_dir = None  # as for weights with no plain local copy: the run saves its start to initial/
+    data = torch.utils.data.DataLoader(Halves(STEPS, devices), batch_size=None, sampler=Block())
+    strategy = "auto"
+    if devices > 1:
+        strategy = ModelParallelStrategy(
+            data_parallel_size=devices, tensor_parallel_size=1, process_group_backend="gloo"
+        )
+    logger = Capture()
+    trainer = L.Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        use_distributed_sampler=False,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        default_root_dir=out,
+        callbacks=[OnlineProjection(basis, keep="orthogonal", on=on, log_every_n_steps=2)],
+    )
+    trainer.fit(module, data)
+    sharded = any(isinstance(p, DTensor) for p in module.model.parameters())
+    weights = {
+        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        for n, p in module.model.named_parameters()
+    }
+    metrics = [(step, m) for step, m in logger.logged if any(k.startswith("projection/") for k in m)]
+    torch.save({"weights": weights, "metrics": metrics, "sharded": sharded}, f"{out}/rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
