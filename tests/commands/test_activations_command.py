@@ -85,3 +85,10 @@ def test_built_in_sets_are_probed_on_held_out_acts(tmp_path):
     assert set(manifest["groups"]) == {"harmful", "benign"} and len(manifest["groups"]["harmful"]) == 24
     (row,) = report["layers"]
     assert row["probe_test_groups"] >= 4  # at least two acts of each set held out whole
+
+    # A recording without groups (made by an older version) takes them from the prompt sets on re-analysis.
+    del manifest["groups"]
+    (out / "step_0" / "manifest.json").write_text(json.dumps(manifest))
+    again = activations_command("tiny", out_dir=str(out), num_prompts=24, etas=[0.5], record=False)
+    assert again["layers"][0]["probe_test_groups"] == row["probe_test_groups"]
+    assert again["layers"][0]["probe_accuracy"] == row["probe_accuracy"]

@@ -66,14 +66,13 @@ def read_run(wandb_file: str | Path) -> OfflineRun:
     for record in records(wandb_file):
         kind = record.WhichOneof("record_type")
         if kind == "run":
+            # A later run record (an update) may leave fields empty: keep what an earlier one set.
             r = record.run
-            run.id, run.name, run.group, run.job_type, run.tags = (
-                r.run_id,
-                r.display_name,
-                r.run_group,
-                r.job_type,
-                list(r.tags),
-            )
+            run.id = r.run_id or run.id
+            run.name = r.display_name or run.name
+            run.group = r.run_group or run.group
+            run.job_type = r.job_type or run.job_type
+            run.tags = list(r.tags) or run.tags
             run.config.update({_key(i): json.loads(i.value_json) for i in r.config.update})
         elif kind == "config":
             run.config.update({_key(i): json.loads(i.value_json) for i in record.config.update})

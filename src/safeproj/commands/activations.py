@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from safeproj.core.activations import DEFAULT_ETAS, check_test_size
+from safeproj.data.prompts import load_prompt_groups
 from safeproj.model.activations import context_length, decoder_layers, pad_token_id, prepare_prompt_sets, resolve_layers
 from safeproj.model.recordings import (
     RecordingOptions,
@@ -61,7 +62,9 @@ def activations_command(
             prompt set names them (the built-in requests do).
         seed: seed of the built-in prompt sets and of the probe split.
         step: the label of this recording (e.g. a checkpoint's global step).
-        record: False analyses what `out_dir` already holds without loading `model`.
+        record: False analyses what `out_dir` already holds without loading `model`; a recording that keeps
+            no prompt groups takes them from `prompt_sets`, `num_prompts` and `seed`, which must then be the
+            ones it was recorded with.
     """
     from safeproj.model.loading import load_model
 
@@ -101,9 +104,12 @@ def activations_command(
         from safeproj.model.subspaces import resolve_basis
 
         weight_basis = resolve_basis(basis, BasisOptions())
+    # Recordings made before prompt groups were kept get them from the prompt sets they were made from.
+    groups = {name: load_prompt_groups(spec, options.num_prompts, seed) for name, spec in options.prompt_sets.items()}
     report = analyse_recordings(
         out_dir, steps=steps, etas=etas, basis=weight_basis, harmful_set=harmful_set, benign_set=benign_set,
         seed=seed, probe_test_size=probe_test_size,
+        prompt_groups={name: g for name, g in groups.items() if g is not None},
     )  # fmt: skip
     files = write_report(report, out_dir)
     print(summary_table(report, eta=0.5 if 0.5 in etas else etas[len(etas) // 2]))

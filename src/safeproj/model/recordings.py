@@ -271,11 +271,13 @@ def analyse_recordings(
     benign_set: str = "benign",
     seed: int = 0,
     probe_test_size: float = 0.5,
+    prompt_groups: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, list[dict]]:
     """Analyse every (step, layer) recorded under `out_dir`; loads one layer of one step at a time.
 
     `harmful_set` is contrasted with `benign_set`; the probe is scored on a `probe_test_size` share of
-    each. Returns {"mso": rows per (step, layer, centered, η), "layers": one row per (step, layer),
+    each, holding out whole groups (acts) where the recording names them, or else `prompt_groups` gives
+    them for every prompt of both sets (for recordings made before groups were kept). Returns {"mso": rows per (step, layer, centered, η), "layers": one row per (step, layer),
     "changes": first vs last step per (layer, metric)}.
     """
     available = recorded_steps(out_dir)
@@ -298,7 +300,7 @@ def analyse_recordings(
         for layer in manifest["layers"]:
             harmful, harmful_ids = load_activations(out_dir, step, harmful_set, layer)
             benign, benign_ids = load_activations(out_dir, step, benign_set, layer)
-            groups = _probe_groups(manifest, (harmful_set, harmful_ids), (benign_set, benign_ids))
+            groups = _probe_groups(manifest, prompt_groups, (harmful_set, harmful_ids), (benign_set, benign_ids))
             rows, row, direction = analyse_layer(harmful, benign, etas, basis, layer, seed, probe_test_size, groups)
             first_direction.setdefault(layer, direction)
             key = {"step": step, "layer": layer}
@@ -308,12 +310,15 @@ def analyse_recordings(
     return {"mso": mso_rows, "layers": layer_rows, "changes": change_rows(layer_rows, mso_rows)}
 
 
-def _probe_groups(manifest: Mapping, *sets: tuple[str, Sequence[int]]) -> tuple[list[str], ...] | None:
-    """Each set's prompt groups in row order when the recording has them for every set, else None."""
-    recorded = manifest.get("groups") or {}
-    if not all(name in recorded for name, _ in sets):
-        return None
-    return tuple([recorded[name][i] for i in ids] for name, ids in sets)
+def _probe_groups(
+    manifest: Mapping, given: Mapping[str, Sequence[str]] | None, *sets: tuple[str, Sequence[int]]
+) -> tuple[list[str], ...] | None:
+    """Each set's prompt groups in row order: the recording's, else `given` where it covers every recorded
+    prompt of every set; None when neither does."""
+    for source in (manifest.get("groups") or {}, given or {}):
+        if all(name in source and len(source[name]) == manifest["sets"][name] for name, _ in sets):
+            return tuple([source[name][i] for i in ids] for name, ids in sets)
+    return None
 
 
 def write_report(report: Mapping[str, Sequence[Mapping]], out_dir: str | os.PathLike) -> dict[str, Path]:
