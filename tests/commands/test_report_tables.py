@@ -293,3 +293,16 @@ def test_wandb_table_in_an_offline_run(runs_dir, tmp_path, monkeypatch):
     written = report_command([str(runs_dir)], out_dir=str(out), n_boot=50)
     assert "wandb" in written
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_callback_seeds_named_in_seed_keys_do_not_split_a_cell():
+    from safeproj.commands.report.load import cell_config
+
+    def config(seed, frac=0.25):
+        posthoc = {"class_path": "safeproj.callbacks.PosthocProjection", "init_args": {"seed": seed, "fracs": [frac]}}
+        return {"seed_everything": seed, "trainer": {"callbacks": [posthoc]}}
+
+    keys = ["seed_everything", "PosthocProjection.seed"]
+    assert cell_config(config(1), keys) == cell_config(config(2), keys)
+    assert cell_config(config(1), keys) != cell_config(config(1, frac=0.5), keys)  # other arguments still count
+    assert cell_config(config(1), ["seed_everything"]) != cell_config(config(2), ["seed_everything"])

@@ -156,6 +156,14 @@ def normalize_row(row: dict[str, Any]) -> dict[str, Any]:
 def cell_config(config: dict[str, Any], seed_keys: Sequence[str] = ()) -> dict[str, Any]:
     """The config minus what differs between seeds of one cell (seed, paths, run names, labels)."""
     config = json.loads(json.dumps(config, default=str))
+    callbacks = (config.get("trainer") or {}).get("callbacks")
+    for key in seed_keys:
+        # `Class.arg` names a callback's argument (as in a sweep's seed_keys): drop it from that callback.
+        owner, _, arg = key.partition(".")
+        if owner[:1].isupper() and isinstance(callbacks, list):
+            for cb in callbacks:
+                if isinstance(cb, dict) and str(cb.get("class_path", "")).rsplit(".", 1)[-1] == owner:
+                    (cb.get("init_args") or {}).pop(arg, None)
     for path in (*VOLATILE_CONFIG, *(tuple(k.split(".")) for k in seed_keys)):
         node = config
         for key in path[:-1]:
