@@ -52,7 +52,10 @@ def _write_run(root: Path, cell: str, seed: int, target: str) -> Path:
     for kind, metric in metrics.items():
         start = rng.normal(2.0, 0.5, N_ITEMS)
         moved = kind == target
-        change = shift[kind] + rng.normal(0, 0.2, N_ITEMS) if moved else rng.normal(0, 0.05, N_ITEMS)
+        # Each fine-tune also moves the other metric a little, with less item noise: a larger z than its own.
+        change = (
+            shift[kind] + rng.normal(0, 0.2, N_ITEMS) if moved else 0.15 * shift[kind] + rng.normal(0, 0.005, N_ITEMS)
+        )
         # A variant keeps the given share of each item's change, up to item noise.
         variants = [start + change]
         variants += [start + r * change + rng.normal(0, 0.02, N_ITEMS) for r in RETAINED.values()]
@@ -107,9 +110,8 @@ def test_known_retentions_and_verdicts(runs_dir):
     cells = group_cells(load_runs([runs_dir]))
     effects = {e.label: e for e in cell_effects(cells, "utility/answer_nll", "harm/comply_margin", n_boot=400)}
     useful, harmful = effects["parallel-useful"], effects["parallel-harmful"]
-    assert useful.target == "utility" and harmful.target == "harm"
     assert useful.changes["utility"].z < -10 and harmful.changes["harm"].z > 10
-    assert not useful.resolved("harm")  # the useful fine-tune does not move harm beyond noise
+    assert abs(useful.changes["harm"].z) > abs(useful.changes["utility"].z)  # the side effect is the surer one
     assert parallel_pairs(list(effects.values())) == [(harmful, useful)]
 
     from safeproj.commands.report.effects import retention_difference, retention_of

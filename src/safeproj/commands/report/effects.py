@@ -214,12 +214,6 @@ class CellEffects:
     def resolved(self, kind: str) -> bool:
         return kind in self.changes and abs(self.changes[kind].z) >= RESOLVED_Z
 
-    @property
-    def target(self) -> str | None:
-        """The metric the fine-tune moved most (largest |z|), if resolved."""
-        moved = [k for k in ("utility", "harm") if self.resolved(k)]
-        return max(moved, key=lambda k: abs(self.changes[k].z)) if moved else None
-
     def points(self) -> list[tuple[str, float]]:
         keys = set.intersection(*(set(c.values) for c in self.items.values())) if self.items else set()
         order = {s: i for i, s in enumerate(SELECTIONS)}
@@ -410,8 +404,17 @@ def effects_section(
 
 
 def parallel_pairs(effects: Sequence[CellEffects]) -> list[tuple[CellEffects, CellEffects]]:
-    """(harm-target, utility-target) pairs of parallel cells in the same folder of a sweep."""
-    parallel = [c for c in effects if c.keep == "parallel"]
-    harmful = [c for c in parallel if c.target == "harm" and "harm" in c.items]
-    useful = [c for c in parallel if c.target == "utility" and "utility" in c.items]
-    return [(h, u) for h in harmful for u in useful if h.label.rpartition("/")[0] == u.label.rpartition("/")[0]]
+    """(harmful, useful) pairs of parallel cells in the same folder of a sweep: the cell whose fine-tune moved
+    harm most and the one that moved utility most (by the size of each change), when they differ and both
+    changes are resolved. Both fine-tunes usually move both metrics, so the larger change names the cell."""
+    scopes: dict[str, list[CellEffects]] = {}
+    for cell in effects:
+        if cell.keep == "parallel" and {"utility", "harm"} <= set(cell.items):
+            scopes.setdefault(cell.label.rpartition("/")[0], []).append(cell)
+    pairs = []
+    for cells in scopes.values():
+        harmful = max(cells, key=lambda c: abs(c.changes["harm"].effect.estimate))
+        useful = max(cells, key=lambda c: abs(c.changes["utility"].effect.estimate))
+        if harmful is not useful and harmful.resolved("harm") and useful.resolved("utility"):
+            pairs.append((harmful, useful))
+    return pairs
