@@ -131,12 +131,14 @@ def test_report_writes_the_section_rows_and_plot(runs_dir, tmp_path):
     text = Path(written["markdown"]).read_text()
     assert "## Effect sizes (items nested in seeds)" in text
     assert "R(top) − R(other)" in text
-    assert "harm kept of the harmful fine-tune minus utility kept of the useful one" in text
+    assert "### Harm against utility: R_harm − R_utility" in text
     # Same retention (0.8) of harm and utility at top: no difference to find.
     rows = json.loads(Path(written["json"]).read_text())
-    pair = [r for r in rows if r.get("kind") == "parallel_harm_minus_utility" and r["selection"] == "top"]
+    pair = [r for r in rows if r.get("kind") == "harm_minus_utility_parallel" and r["selection"] == "top"]
     assert len(pair) == 1 and pair[0]["verdict"] == "inconclusive"
     assert pair[0]["n_seeds"] == 3 and pair[0]["n_items"] == [N_ITEMS, N_ITEMS]
+    (beyond,) = [r for r in rows if r.get("kind") == "harm_minus_utility_beyond_parallel"]
+    assert beyond["selection"] == "top-random" and beyond["verdict"] == "inconclusive"
     changes = [r for r in rows if r.get("kind") == "change"]
     assert {r["cell"] for r in changes} == {"parallel-useful", "parallel-harmful"}
     assert (out / "retention_energy_parallel-useful.png").read_bytes().startswith(b"\x89PNG")
@@ -148,3 +150,17 @@ def test_runs_without_items_say_so(runs_dir, tmp_path):
         path.unlink()
     text = Path(report_command(str(runs_dir), out_dir=str(tmp_path / "r"), n_boot=50)["markdown"]).read_text()
     assert "No effect sizes: no run has per-item values" in text
+
+
+def test_difference_of_differences_finds_a_subspace_that_favours_harm(runs_dir):
+    # Make the harmful run's top variant keep 0.95 of the harm (random keeps 0.2) while the useful run's top
+    # keeps 0.8 of the utility: top favours harm by 0.15 beyond what it does for utility, random by 0.
+    from safeproj.commands.report.effects import harm_minus_utility
+
+    cells = group_cells(load_runs([runs_dir]))
+    harm = cell_items(cells["parallel-harmful"], "harm", "comply_margin")
+    utility = cell_items(cells["parallel-useful"], "utility", "answer_nll")
+    top, random = ("top", 0.5), ("random", 0.5)
+    harm.values[top] = harm.values["start"] + 0.95 * (harm.values["full"] - harm.values["start"])
+    d = harm_minus_utility(harm, (top, random), utility, (top, random), n_boot=400)
+    assert d.effect.verdict == "positive" and abs(d.effect.estimate - 0.15) < 0.03

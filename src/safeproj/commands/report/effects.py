@@ -181,19 +181,27 @@ def retention_difference(cell: CellItems, a: Key, b: Key, n_boot: int, seed: int
 
 
 def harm_minus_utility(
-    harm: CellItems, harm_key: Key, utility: CellItems, utility_key: Key, n_boot: int, seed: int = 0
+    harm: CellItems, harm_keys: Key | tuple, utility: CellItems, utility_keys: Key | tuple, n_boot: int, seed: int = 0
 ) -> Measured | None:
-    """R_harm − R_utility, the two cells' runs paired by seed (the same cell twice within one run)."""
+    """R_harm − R_utility of one variant, or with two variants (top, other) the difference of differences
+    (R_harm − R_utility)(top) − (R_harm − R_utility)(other): what the top-k subspace does to harm beyond
+    utility, over what other directions do. The two cells' runs are paired by seed (one cell twice within a
+    run); a variant key is (selection, frac)."""
     rows_h, rows_u = harm.aligned(utility)
     if not rows_h:
         return None
-    h = np.stack([harm.values[k][rows_h] for k in ("start", "full", harm_key)], axis=-1)
-    u = np.stack([utility.values[k][rows_u] for k in ("start", "full", utility_key)], axis=-1)
+    harm_keys = [harm_keys] if isinstance(harm_keys[0], str) else list(harm_keys)
+    utility_keys = [utility_keys] if isinstance(utility_keys[0], str) else list(utility_keys)
+    h = np.stack([harm.values[k][rows_h] for k in ("start", "full", *harm_keys)], axis=-1)
+    u = np.stack([utility.values[k][rows_u] for k in ("start", "full", *utility_keys)], axis=-1)
+    variants = len(harm_keys)
 
     def statistic(means):
-        return _retentions(means[0], 1)[0] - _retentions(means[1], 1)[0]
+        gaps = [rh - ru for rh, ru in zip(_retentions(means[0], variants), _retentions(means[1], variants))]
+        return gaps[0] if variants == 1 else gaps[0] - gaps[1]
 
-    return _effect("R_harm − R_utility", [h, u], statistic, n_boot, seed)
+    name = "R_harm − R_utility" if variants == 1 else "(R_harm − R_utility): top − other"
+    return _effect(name, [h, u], statistic, n_boot, seed)
 
 
 # ---------------------------------------------------------------- the report's section
@@ -369,35 +377,44 @@ def effects_section(
             "",
         ]
 
-    pairs = parallel_pairs(effects)
+    # Harm against utility: the parallel pair (harmful run's harm, useful run's utility) and every other
+    # post hoc cell that moved both (the mixed run under P_k⊥).
+    comparisons = [(f"{h.label} − {u.label}", h, u, "parallel") for h, u in parallel_pairs(effects)]
+    comparisons += [
+        (cell.label, cell, cell, cell.keep)
+        for cell in effects
+        if cell.keep != "parallel" and cell.resolved("harm") and cell.resolved("utility")
+    ]
     table = []
-    for harmful, useful in pairs:
-        for point in [p for p in harmful.points() if p in useful.points()]:
+    for label, harmful, useful, keep in comparisons:
+        points = [p for p in harmful.points() if p in useful.points()]
+        for point in points:
             d = harm_minus_utility(harmful.items["harm"], point, useful.items["utility"], point, n_boot)
-            if d is None:
-                continue
-            table.append(
-                [f"{harmful.label} − {useful.label}", point[0], f"{point[1]:g}", d.cell(), d.effect.verdict, d.n]
-            )
-            rows.append(
-                d.as_row(
-                    table="effects",
-                    cell=f"{harmful.label} − {useful.label}",
-                    kind="parallel_harm_minus_utility",
-                    selection=point[0],
-                    frac=point[1],
+            if d is not None:
+                table.append([label, keep, point[0], f"{point[1]:g}", d.cell(), d.effect.verdict, d.n])
+                rows.append(d.as_row(table="effects", cell=label, kind="harm_minus_utility_" + keep,
+                                     selection=point[0], frac=point[1]))  # fmt: skip
+        for top in [p for p in points if p[0] == "top"]:
+            for other in [(s, top[1]) for s in ("random", "random-k") if (s, top[1]) in points]:
+                d = harm_minus_utility(
+                    harmful.items["harm"], (top, other), useful.items["utility"], (top, other), n_boot
                 )
-            )
+                if d is not None:
+                    table.append([label, keep, f"top − {other[0]}", f"{top[1]:g}", d.cell(), d.effect.verdict, d.n])
+                    rows.append(d.as_row(table="effects", cell=label, kind="harm_minus_utility_beyond_" + keep,
+                                         selection=f"top-{other[0]}", frac=top[1]))  # fmt: skip
     if table:
+        header = ["cells (harm − utility)", "keep", "selection", "frac", "R_harm − R_utility [95 % CI]", "verdict", "n"]
         lines += [
-            "### Parallel projection: harm kept of the harmful fine-tune minus utility kept of the useful one",
+            "### Harm against utility: R_harm − R_utility",
             "",
-            "A subspace that holds safety distinctly would keep more of the harmful update than of the useful one "
-            "(a positive difference for top, none for random).",
+            "Parallel: harm kept of the harmful fine-tune minus utility kept of the useful one; a subspace that "
+            "holds safety distinctly keeps more of the harmful update (positive). Orthogonal: harm kept minus "
+            "utility kept of the same run under P_k⊥; a distinct safety subspace removes harm and keeps utility "
+            "(negative). Rows `top − random` are the difference of differences: what the top-k subspace does "
+            "beyond random directions of the same size.",
             "",
-            *markdown_table(
-                ["pair (harm − utility)", "selection", "frac", "R_harm − R_utility [95 % CI]", "verdict", "n"], table
-            ),
+            *markdown_table(header, table),
             "",
         ]
     return lines, rows, series
