@@ -82,7 +82,7 @@ def test_killed_sweep_takes_its_run_along(tmp_path):
 RUN_WITH_RANK = (
     "import os, subprocess, sys, time; "
     "code = 'from safeproj.commands.lifetime import follow_parent_if_asked; follow_parent_if_asked(); "
-    "import time; time.sleep(60)'; "
+    "import time; print(\\'ready\\', flush=True); time.sleep(60)'; "
     "child = subprocess.Popen([sys.executable, '-c', code]); "
     "print('pids', os.getpid(), child.pid, flush=True); time.sleep(60)"
 )
@@ -96,7 +96,9 @@ def test_killed_sweep_takes_the_runs_own_children_along(tmp_path):
     )
     sweep.start()
     run, rank = _pids(log)
-    time.sleep(1.0)  # the grandchild sets its parent-death signal at start-up
+    end = time.time() + 60  # the grandchild sets its parent-death signal at start-up, then says so
+    while "ready" not in log.read_text() and time.time() < end:
+        time.sleep(0.05)
     try:
         sweep.kill()
         sweep.join()
