@@ -2,9 +2,10 @@
 
 import contextlib
 import fcntl
-import multiprocessing
+import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -27,13 +28,32 @@ RUN = (
 )
 
 
-def _sweep(log: Path) -> multiprocessing.Process:
-    """A sweep process (forked: no second start-up) that launches RUN and waits for it."""
-    process = multiprocessing.get_context("fork").Process(
-        target=runner.launch, args=([sys.executable, "-c", RUN], log, {})
-    )
-    process.start()
-    return process
+class _Sweep:
+    """A sweep process that launches `cmd` through `runner.launch` and waits for it.
+
+    A fresh interpreter, not a fork of the test process: a fork of a process with other threads (W&B,
+    tqdm) inherits their locks and may not get as far as handling a signal.
+    """
+
+    def __init__(self, cmd: list[str], log: Path, env: dict[str, str]):
+        code = (
+            "import json, pathlib, sys; from safeproj.commands.sweep import runner; "
+            "cmd, log, env = json.loads(sys.argv[1]); runner.launch(cmd, pathlib.Path(log), env)"
+        )
+        args = json.dumps([cmd, str(log), env])
+        self.process = subprocess.Popen([sys.executable, "-c", code, args])
+        self.pid = self.process.pid
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def join(self, timeout: float | None = None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=timeout)
+
+
+def _sweep(log: Path, run: str = RUN, env: dict[str, str] | None = None) -> _Sweep:
+    return _Sweep([sys.executable, "-c", run], log, {} if env is None else env)
 
 
 def _alive(pid: int) -> bool:
@@ -91,10 +111,7 @@ RUN_WITH_RANK = (
 def test_killed_sweep_takes_the_runs_own_children_along(tmp_path):
     log = tmp_path / "run.log"
     env = {**os.environ, FOLLOW_PARENT_ENV: "1"}  # what the sweep's `_env` sets for every run
-    sweep = multiprocessing.get_context("fork").Process(
-        target=runner.launch, args=([sys.executable, "-c", RUN_WITH_RANK], log, env)
-    )
-    sweep.start()
+    sweep = _sweep(log, RUN_WITH_RANK, env)
     run, rank = _pids(log)
     end = time.time() + 60  # the grandchild sets its parent-death signal at start-up, then says so
     while "ready" not in log.read_text() and time.time() < end:
