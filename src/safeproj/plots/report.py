@@ -68,16 +68,7 @@ def plot_tradeoff(
         drawn += 1
         us, hs = [p.utility for p in points], [p.harm for p in points]
         ax.errorbar(
-            [u.mean for u in us],
-            [h.mean for h in hs],
-            xerr=_error_bars(us),
-            yerr=_error_bars(hs),
-            marker="o",
-            markersize=4,
-            capsize=2,
-            linewidth=1.3,
-            color=f"C{i}",
-            label=name,
+            [u.mean for u in us], [h.mean for h in hs], xerr=_error_bars(us), yerr=_error_bars(hs), **_line(i, name)
         )
         for point in points:
             ax.annotate(
@@ -109,6 +100,11 @@ def plot_tradeoff(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     return save_png(fig, path)
+
+
+def _line(i: int, label: str) -> dict:
+    """The style of curve i: colour Ci, so a selection keeps its colour across figures."""
+    return {"marker": "o", "markersize": 4, "capsize": 2, "linewidth": 1.3, "color": f"C{i}", "label": label}
 
 
 def _error_bars(estimates: Sequence[Estimate]) -> np.ndarray | None:
@@ -218,17 +214,7 @@ def plot_retention_energy(
             continue
         drawn += 1
         estimates = [e for _, e in points]
-        ax.errorbar(
-            [x for x, _ in points],
-            [e.mean for e in estimates],
-            yerr=_error_bars(estimates),
-            marker="o",
-            markersize=4,
-            capsize=2,
-            linewidth=1.3,
-            color=f"C{i}",
-            label=name,
-        )
+        ax.errorbar([x for x, _ in points], [e.mean for e in estimates], yerr=_error_bars(estimates), **_line(i, name))
     if not drawn:
         return None
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, label="R = energy kept")
