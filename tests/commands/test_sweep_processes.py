@@ -2,6 +2,7 @@
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import signal
@@ -41,7 +42,9 @@ class _Sweep:
             "cmd, log, env = json.loads(sys.argv[1]); runner.launch(cmd, pathlib.Path(log), env)"
         )
         args = json.dumps([cmd, str(log), env])
-        self.process = subprocess.Popen([sys.executable, "-c", code, args])
+        # Ctrl-C must reach it even where this test runs as a background job, which ignores SIGINT.
+        restore_sigint = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+        self.process = subprocess.Popen([sys.executable, "-c", code, args], preexec_fn=restore_sigint)
         self.pid = self.process.pid
 
     def kill(self) -> None:
