@@ -53,9 +53,14 @@ def check_prompt_sets(prompt_sets: Mapping[str, str]) -> None:
         parse_prompt_spec(spec)
 
 
-def load_prompts(spec: str, limit: int | None = None, seed: int = 0) -> list[str]:
+# A column naming what a prompt is made from: prompts sharing it are one group for held-out splits.
+GROUP_FIELDS = ("act",)
+
+
+def load_prompt_rows(spec: str, limit: int | None = None, seed: int = 0) -> tuple[list[str], list[str] | None]:
     """The first `limit` non-empty prompts of a prompt-set spec (all of them when None; fewer if the
-    set is smaller). A built-in set is generated with `seed` and needs a `limit`."""
+    set is smaller) and the group (e.g. the act) of each, or None when the set has no group column.
+    A built-in set is generated with `seed` and needs a `limit`."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"the number of prompts must be an integer >= 1 or None, got {limit!r}")
     source, split, field = parse_prompt_spec(spec)
@@ -63,25 +68,21 @@ def load_prompts(spec: str, limit: int | None = None, seed: int = 0) -> list[str
         raise ValueError(f"built-in set {source!r} is generated: give a number of prompts")
     records = load_records(source, split=split, n=limit, seed=seed)
     if len(records) == 0:
-        return []
+        return [], None
     key = field or next((f for f in PROMPT_FIELDS if f in records.columns), None)
     if key is None or key not in records.columns:
         want = field or " | ".join(PROMPT_FIELDS)
         raise ValueError(f"prompt set {spec!r} has no field {want}; fields are {', '.join(records.columns)}")
-    return [str(row[key]) for row in complete_rows(records, [key], limit=limit).rows()]
+    rows = complete_rows(records, [key], limit=limit).rows()
+    group = next((f for f in GROUP_FIELDS if f in records.columns), None)
+    return [str(row[key]) for row in rows], None if group is None else [str(row[group]) for row in rows]
 
 
-# A column naming what a prompt is made from: prompts sharing it are one group for held-out splits.
-GROUP_FIELDS = ("act",)
+def load_prompts(spec: str, limit: int | None = None, seed: int = 0) -> list[str]:
+    """The prompts of `load_prompt_rows`."""
+    return load_prompt_rows(spec, limit, seed)[0]
 
 
 def load_prompt_groups(spec: str, limit: int | None = None, seed: int = 0) -> list[str] | None:
-    """The group (e.g. the act) of each prompt `load_prompts` gives for the same arguments, or None when
-    the set has no group column."""
-    source, split, field = parse_prompt_spec(spec)
-    records = load_records(source, split=split, n=limit, seed=seed)
-    key = field or next((f for f in PROMPT_FIELDS if f in records.columns), None)
-    group = next((f for f in GROUP_FIELDS if f in records.columns), None)
-    if len(records) == 0 or key is None or group is None:
-        return None
-    return [str(row[group]) for row in complete_rows(records, [key], limit=limit).rows()]
+    """The groups of `load_prompt_rows`: one per prompt `load_prompts` gives for the same arguments."""
+    return load_prompt_rows(spec, limit, seed)[1]

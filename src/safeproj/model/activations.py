@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from safeproj.data.prompts import load_prompt_groups, load_prompts
+from safeproj.data.prompts import load_prompt_rows
 from safeproj.data.templates import encode_prompt, encode_prompt_marked, pad_batch
 
 POSITIONS = ("last", "mean", "assistant")
@@ -131,12 +131,11 @@ def prepare_prompt_sets(
     """Load, format and tokenize every prompt set; checks emptiness and context length."""
     encoded = {}
     for name, spec in prompt_sets.items():
-        prompts = load_prompts(spec, num_prompts, seed)
+        prompts, groups = load_prompt_rows(spec, num_prompts, seed)
         if not prompts:
             raise ValueError(f"prompt set {name!r} ({spec}) is empty")
         encoded[name] = encode_prompts(tokenizer, prompts, position)
-        groups = load_prompt_groups(spec, num_prompts, seed)
-        if groups is not None and len(groups) == len(prompts):
+        if groups is not None:
             encoded[name] = [replace(e, group=g) for e, g in zip(encoded[name], groups)]
         for i, e in enumerate(encoded[name]):
             if max_length is not None and len(e.ids) > max_length:
