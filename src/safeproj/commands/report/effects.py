@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from safeproj.commands.report.load import Run, read_json
+from safeproj.commands.report.tables import markdown_table, variant_row
 from safeproj.eval.stats import Effect, nested_bootstrap, retention
 
 # A fine-tune's change counts as resolved at |z| >= this; retention of an unresolved change is a ratio of noise.
@@ -229,15 +230,8 @@ class CellEffects:
         return sorted(found, key=lambda k: (order.get(k[0], len(order)), k[0], k[1]))
 
     def energy_kept(self, point: tuple[str, float]) -> float:
-        values = [
-            float(row["energy_kept"])
-            for run in self.runs
-            for row in run.posthoc
-            if row.get("energy_kept") is not None
-            and row.get("variant") != "full"
-            and row.get("frac") is not None
-            and (row.get("selection"), float(row["frac"])) == point
-        ]
+        values = [variant_row(run, point).get("energy_kept") for run in self.runs]
+        values = [float(v) for v in values if v is not None]
         return float(np.mean(values)) if values else math.nan
 
 
@@ -275,8 +269,6 @@ def effects_section(
 
     The series map cell title -> "selection (metric)" -> (energy kept, retention) points.
     """
-    from safeproj.commands.report.tables import markdown_table
-
     lines = [
         "## Effect sizes (items nested in seeds)",
         "",

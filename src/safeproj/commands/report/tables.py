@@ -95,7 +95,7 @@ def _metric_lists(runs: Sequence[Run], getter) -> dict[str, list[float | None]]:
     return {name: [getter(r).get(name) for r in runs] for name in names}
 
 
-def _variant(run: Run, point: tuple[str, float] | None) -> dict[str, Any]:
+def variant_row(run: Run, point: tuple[str, float] | None) -> dict[str, Any]:
     """A run's post hoc row at (selection, frac), or its "full" row for None; {} when it has none."""
     for row in run.posthoc:
         if point is None and row.get("variant") == "full":
@@ -127,13 +127,13 @@ def posthoc_tables(cells: dict[str, list[Run]]) -> list[Table]:
         )
         values = {
             point: {
-                **_metric_lists(runs, lambda r, p=point: _variant(r, p)),
-                "energy_kept": [_variant(r, point).get("energy_kept") for r in runs],
+                **_metric_lists(runs, lambda r, p=point: variant_row(r, p)),
+                "energy_kept": [variant_row(r, point).get("energy_kept") for r in runs],
             }
             for point in points
         }
         has_full = any(row.get("variant") == "full" for row in rows)
-        reference = _metric_lists(runs, lambda r: _variant(r, None)) if has_full else None
+        reference = _metric_lists(runs, lambda r: variant_row(r, None)) if has_full else None
         keep = "/".join(keeps) or "parallel"
         tables.append(
             Table(
