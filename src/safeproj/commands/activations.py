@@ -104,18 +104,27 @@ def activations_command(
         from safeproj.model.subspaces import resolve_basis
 
         weight_basis = resolve_basis(basis, BasisOptions())
-    # Recordings made before prompt groups were kept get them from the prompt sets they were made from.
-    groups = {name: load_prompt_groups(spec, options.num_prompts, seed) for name, spec in options.prompt_sets.items()}
+    # Recordings made before prompt groups were kept get them from the prompt sets they were made from
+    # (those encoded here already carry them).
+    if record:
+        groups = {name: [e.group for e in rows] for name, rows in encoded.items() if all(e.group for e in rows)}
+    else:
+        groups = _prompt_groups(options.prompt_sets, options.num_prompts, seed)
     report = analyse_recordings(
         out_dir, steps=steps, etas=etas, basis=weight_basis, harmful_set=harmful_set, benign_set=benign_set,
-        seed=seed, probe_test_size=probe_test_size,
-        prompt_groups={name: g for name, g in groups.items() if g is not None},
+        seed=seed, probe_test_size=probe_test_size, prompt_groups=groups,
     )  # fmt: skip
     files = write_report(report, out_dir)
     print(summary_table(report, eta=0.5 if 0.5 in etas else etas[len(etas) // 2]))
     print("wrote " + ", ".join(str(p) for p in files.values()))
     _log_to_wandb(model if record else None, out_dir, report, files, {"steps": steps, "etas": etas, "basis": basis})
     return report
+
+
+def _prompt_groups(prompt_sets: dict[str, str], num_prompts: int, seed: int) -> dict[str, list[str]]:
+    """The groups of every prompt set that has them."""
+    found = {name: load_prompt_groups(spec, num_prompts, seed) for name, spec in prompt_sets.items()}
+    return {name: groups for name, groups in found.items() if groups is not None}
 
 
 def _log_to_wandb(model: str | None, out_dir: str, report: dict, files: dict, settings: dict) -> None:
