@@ -239,10 +239,20 @@ def test_svd_and_gram_build_the_same_basis(source):
         assert a[name].energy_kept == pytest.approx(b[name].energy_kept, abs=1e-5)
 
 
-def test_zero_delta_is_an_error():
+def test_a_tensor_with_zero_delta_is_left_out_and_named():
+    """`@paper` takes every stored tensor, and an unchanged norm has Δ = 0: it has no directions to keep."""
+    moved = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    delta = TensorDelta({Q_NAME: torch.ones(4, 4), UP_NAME: moved}, {Q_NAME: torch.ones(4, 4), UP_NAME: 0 * moved})
+    for kwargs in ({"frac": 0.5}, {"eta": 0.9}, {"frac": 0.5, "selection": "random"}):
+        with pytest.warns(UserWarning, match=f"1 tensors have a zero delta.*{Q_NAME}"):
+            basis = build_basis(delta, progress=False, **kwargs)
+        assert basis.names() == [UP_NAME] and basis.meta["zero_delta"] == [Q_NAME]
+
+
+def test_all_zero_deltas_are_an_error():
     zero = TensorDelta({Q_NAME: torch.ones(4, 4)}, {Q_NAME: torch.ones(4, 4)})
     for kwargs in ({"frac": 0.5}, {"eta": 0.9}):
-        with pytest.raises(ValueError, match=f"{Q_NAME}.*is zero"):
+        with pytest.raises(ValueError, match=f"every delta is zero.*{Q_NAME}"):
             build_basis(zero, progress=False, **kwargs)
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -256,6 +257,7 @@ def build_basis(
 
     entries: dict[str, BasisEntry] = {}
     per_tensor: dict[str, dict] = {}
+    zero: list[str] = []  # tensors whose Δ is exactly zero (an untouched norm, a frozen embedding)
     total = len(source) if hasattr(source, "__len__") else None
     # Many small SVDs: threads chosen on purpose (safeproj.core.threads), not left to oversubscribe.
     with small_factorization_threads(_largest_small_side(source)):
@@ -269,8 +271,9 @@ def build_basis(
             else:
                 fac = Factorization(load, method)  # reads Δ again when it needs it
                 S, total_energy, (m, n), shape = fac.S, fac.total, fac.shape, fac.source_shape
-            if S[0] == 0:
-                raise ValueError(f"delta of {name!r} is zero: exclude it or check the source")
+            if S[0] == 0:  # no directions to choose from: left out, so projections leave its update alone
+                zero.append(name)
+                continue
             k = k_for_frac(frac, m, n) if frac is not None else k_for_energy(S, eta)
             if selection == "random":
                 fac = Factorization(gaussian_matrix((m, n), seed, name), method)
@@ -296,7 +299,13 @@ def build_basis(
             per_tensor[name] = {"k": k, "energy_kept": entry.energy_kept, "energy_total": entry.energy_total}
 
     if not entries:
+        if zero:
+            raise ValueError(f"every delta is zero ({len(zero)} tensors, first {zero[0]!r}): check the source")
         raise ValueError("the delta source yielded no tensors")
+    if zero:
+        warnings.warn(
+            f"{len(zero)} tensors have a zero delta and are left out of the basis (first {zero[0]!r})", stacklevel=2
+        )
     meta = {
         "safeproj_version": __version__,
         "side": side,
@@ -307,6 +316,7 @@ def build_basis(
         "method": AUTO_METHOD if method == "auto" else method,
         "source": source.describe() if hasattr(source, "describe") else {"kind": type(source).__name__},
         "tensors": per_tensor,
+        "zero_delta": zero,
         "bytes_ratio": _bytes_ratio(entries),
     }
     return Basis(entries, meta)
