@@ -22,3 +22,9 @@ def test_a_bare_safety_subspace_of_a_hub_run_needs_that_hub_model_tuned():
     config = {"model": {"model": "Qwen/Qwen2.5-1.5B-Instruct"}, "trainer": {"callbacks": [{"subspace": "safety"}]}}
     assert safety_models_needed(config) == ["Qwen/Qwen2.5-1.5B-Instruct"]
     assert safety_models_needed({"x": "safety:org/model@v1"}) == ["org/model@v1"]
+
+
+def test_delta_pairs_and_stand_in_alignments_that_name_a_safety_preset_are_found():
+    assert safety_models_needed({"s": "tiny-safety,tiny"}) == ["tiny"]
+    assert safety_models_needed({"s": "alignment:tiny"}) == ["tiny"]  # the tiny stand-in's Δ_A
+    assert safety_models_needed({"s": "alignment:qwen2.5-1.5b", "t": "alignment:nope"}) == []

@@ -175,6 +175,12 @@ def test_report_tables_numbers_and_plots(runs_dir, tmp_path):
     assert post[0]["utility/flexible_acc_n"] == 3
     assert "## parallel-harmful: post hoc (parallel)" in text
     assert "full fine-tuning (no projection): 0.610" in text  # mean of 0.60, 0.61, 0.62
+    # Shaped as the paper's tables: the full fine-tuning column beside the frac columns, in every row.
+    header = next(line for line in text.splitlines() if line.startswith("| selection \\ frac") and "full FT" in line)
+    assert header.split("|")[-2].strip() == "full FT"
+    block = text.split("## parallel-harmful: post hoc (parallel)")[1].split("**harm")[0]
+    grid_rows = [line for line in block.splitlines() if line.startswith(("| top", "| random"))]
+    assert grid_rows and all(line.split("|")[-2].strip().startswith("0.610") for line in grid_rows)
 
     # Online table: one family (mixed, orthogonal) over frac × selection, the unprojected cell as reference.
     online = [r for r in rows if r["kind"] == "online" and r["selection"] != "reference"]

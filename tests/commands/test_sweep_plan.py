@@ -36,6 +36,15 @@ def test_the_paper_plan_lists_every_cell_offline_and_writes_nothing(tmp_path, mo
     assert "10 cells × 3 seeds = 30 runs" in out and "GPU-hours on h100-80gb" in out
     assert "Qwen/Qwen2.5-1.5B-Instruct is not cached" in out and "OPENAI_API_KEY is not set" in out
     assert [p.name for p in tmp_path.iterdir()] == ["empty-hub"]  # no runs/ folder, no overrides
+    # Beside the GPU-hours: what is downloaded, how many bases are built, how many judge calls are made.
+    for model in ("Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-1.5B"):
+        assert f"download: model {model} (≈ 3.1 GB in bf16)" in out
+    for dataset in ("PKU-Alignment/BeaverTails", "meta-math/MetaMathQA", "openai/gsm8k", "walledai/AdvBench"):
+        assert f"download: dataset {dataset}\n" in out
+    assert "bases: 30 (reference × frac × selection)" in out  # 2 references × 5 fracs × 3 selections
+    # 6 post hoc cells × 3 seeds × 16 scored models (15 variants + full) × 520 prompts, plus the 4 online
+    # cells × 3 seeds × 520 prompts at train end.
+    assert f"judge calls: at most {6 * 3 * 16 * 520 + 4 * 3 * 520:,} to gpt-4o-mini" in out
 
 
 def test_an_unknown_gpu_class_is_one_line():

@@ -257,6 +257,28 @@ def test_included_specs_prefix_cells_and_their_after_steps(tmp_path, fake_runs):
     assert sweep.after[0].name == "kid/p" and sweep.after[0].cells == ["kid/a"]
 
 
+def test_replace_swaps_or_drops_the_config_files_of_included_runs(tmp_path):
+    for name in ("big.yaml", "small.yaml", "data.yaml", "kept.yaml"):
+        (tmp_path / name).write_text("trainer: {max_steps: 1}\n")
+    run = {"name": "a", "recipe": MIXED, "configs": ["big.yaml", "data.yaml", "kept.yaml"]}
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"name": "kid", "runs": [run]}))
+    parent = {"include": ["child.yaml"], "replace": {"big.yaml": "small.yaml", "data.yaml": None}}
+    (tmp_path / "parent.yaml").write_text(yaml.safe_dump(parent))
+    [cell] = load_spec(tmp_path / "parent.yaml").cells
+    assert [c.name for c in cell.configs] == ["small.yaml", "kept.yaml"]
+
+    for replace, message in (
+        ({"unused.yaml": None}, "replace names .*unused.yaml, which no included run uses"),
+        ({"missing.yaml": None}, "replace: file 'missing.yaml' not found"),
+        ({"big.yaml": 3}, r"replace.big.yaml: expected a config file name or null"),
+        (["big.yaml"], "replace must map config file names"),
+    ):
+        (tmp_path / "unused.yaml").write_text("{}\n")
+        (tmp_path / "parent.yaml").write_text(yaml.safe_dump({"include": ["child.yaml"], "replace": replace}))
+        with pytest.raises(ValueError, match=message):
+            load_spec(tmp_path / "parent.yaml")
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -27,7 +27,7 @@ from safeproj.data.sources import load_pairs
 from safeproj.eval.gsm8k import load_gsm8k
 from safeproj.eval.harm import load_harmful_prompts
 from safeproj.model.hub import HubModelMissing
-from safeproj.model.loading import PRESETS, SAFETY_SUFFIX
+from safeproj.model.loading import PRESETS, SAFETY_SUFFIX, PrerequisiteMissing
 from safeproj.model.module import check_settings
 from safeproj.model.subspaces import delta_source, expand_spec, safety_target
 
@@ -269,6 +269,8 @@ def check_subspace_spec(key: str, spec: str, model_name: str, include=None, excl
         else:
             try:
                 delta_source(spec, include, exclude, download=not _is_planning())
+            except PrerequisiteMissing:
+                pass  # a `<preset>-safety` checkpoint of the delta: made before the run starts, as `safety:` is
             except HubModelMissing:
                 if not _is_planning():
                     raise

@@ -30,6 +30,7 @@ from safeproj.model.loading import (
     safety_dir,
     safety_tuned_dir,
 )
+from safeproj.model.subspaces import alignment_pair
 from safeproj.runs import SAFETY_RECIPE, config_path, recipe_path
 
 
@@ -85,8 +86,9 @@ def safety_models_needed(config: Any) -> list[str]:
         if isinstance(value, str):
             if value.startswith("safety:"):
                 found.append(value.split(":", 1)[1])
-            elif value.endswith(SAFETY_SUFFIX) and value.removesuffix(SAFETY_SUFFIX) in PRESETS:
-                found.append(value.removesuffix(SAFETY_SUFFIX))
+            for part in _checkpoints_named(value):
+                if part.endswith(SAFETY_SUFFIX) and part.removesuffix(SAFETY_SUFFIX) in PRESETS:
+                    found.append(part.removesuffix(SAFETY_SUFFIX))
         elif isinstance(value, (list, tuple)):
             for v in value:
                 scan(v)
@@ -100,6 +102,16 @@ def safety_models_needed(config: Any) -> list[str]:
     if isinstance(model, str) and _mentions(config, "safety"):
         found.append(model.removesuffix(SAFETY_SUFFIX) if model.removesuffix(SAFETY_SUFFIX) in PRESETS else model)
     return list(dict.fromkeys(m for m in found if can_safety_tune(m)))
+
+
+def _checkpoints_named(value: str) -> list[str]:
+    """The checkpoints a string names: itself, both sides of `TUNED,BASE`, or the pair of `alignment:<preset>`."""
+    if value.startswith("alignment:"):
+        try:
+            return list(alignment_pair(value.split(":", 1)[1]))
+        except ValueError:
+            return []  # an unknown preset is the checks' to report
+    return [part.strip() for part in value.split(",")]
 
 
 def _mentions(value: Any, text: str) -> bool:

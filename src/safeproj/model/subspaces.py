@@ -8,7 +8,8 @@ A subspace spec is one of:
 - `safety`: Δ_S of the model the run starts from (`<preset>`, `<preset>-safety` or a hub name);
 - `alignment:<preset>`: Δ_A of one of the paper's models, its instruct/chat release minus its base release
   (`ALIGNMENT_PAIRS`, read from the Hugging Face hub cache);
-- `alignment`: Δ_A of the aligned hub model the run starts from (one of `ALIGNMENT_PAIRS`);
+- `alignment`: Δ_A of the aligned hub model the run starts from (one of `ALIGNMENT_PAIRS`), or of the
+  in-code `tiny-safety` stand-in (`ALIGNMENT_STAND_INS`);
 - `TUNED,BASE`: Δ of two checkpoints, each a local folder or file, a preset, or a hub name `org/name[@revision]`
   (its snapshot in the Hugging Face cache, `safeproj.model.hub`);
 - any other delta spec of `safeproj.core.deltas.delta_from_spec` (a LoRA adapter, a finished run).
@@ -38,6 +39,14 @@ ALIGNMENT_PAIRS = {
     "llama-3.2-1b": ("meta-llama/Llama-3.2-1B-Instruct", "meta-llama/Llama-3.2-1B"),
     "llama-2-7b": ("meta-llama/Llama-2-7b-chat-hf", "meta-llama/Llama-2-7b-hf"),
 }
+
+# Offline stand-ins for smoke runs of the paper's sweep (recipes/sweeps/paper-smoke.yaml): the in-code tiny
+# preset's only aligned version is its safety-tuned one, so its Δ_A is its Δ_S. Never a paper model.
+ALIGNMENT_STAND_INS = {"tiny": ("tiny-safety", "tiny")}
+
+
+def _alignment_pairs() -> dict[str, tuple[str, str]]:
+    return {**ALIGNMENT_PAIRS, **ALIGNMENT_STAND_INS}
 
 
 def expand_spec(spec: str, model_name: str | None) -> str:
@@ -69,18 +78,19 @@ def safety_target(spec: str) -> str:
 
 def alignment_pair(preset: str) -> tuple[str, str]:
     """(aligned, base) hub names of an `alignment:<preset>`."""
-    if preset not in ALIGNMENT_PAIRS:
-        raise ValueError(f"unknown alignment preset {preset!r}; known: {', '.join(ALIGNMENT_PAIRS)}")
-    return ALIGNMENT_PAIRS[preset]
+    pairs = _alignment_pairs()
+    if preset not in pairs:
+        raise ValueError(f"unknown alignment preset {preset!r}; known: {', '.join(pairs)}")
+    return pairs[preset]
 
 
 def alignment_preset_of(model_name: str | None) -> str:
     """The alignment preset whose aligned release is `model_name` (a revision suffix is ignored)."""
     repo = split_name(model_name or "")[0]
-    for preset, (aligned, _) in ALIGNMENT_PAIRS.items():
+    for preset, (aligned, _) in _alignment_pairs().items():
         if repo == aligned:
             return preset
-    known = ", ".join(aligned for aligned, _ in ALIGNMENT_PAIRS.values())
+    known = ", ".join(aligned for aligned, _ in _alignment_pairs().values())
     raise ValueError(
         f"subspace 'alignment' needs a run that starts from an aligned model with a known base ({known}), "
         f"not {model_name!r}; name the delta instead ('alignment:<preset>' or 'ALIGNED,BASE')"

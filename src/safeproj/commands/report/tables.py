@@ -34,6 +34,7 @@ class Table:
     reference: dict[str, list[float | None]] | None = None  # unprojected / full fine-tuning
     reference_label: str = ""
     x_label: str = "frac"
+    reference_column: str = "reference"  # the header of the reference's column, beside the grid as in the paper
 
 
 def slug_of(text: str) -> str:
@@ -143,6 +144,7 @@ def posthoc_tables(cells: dict[str, list[Run]]) -> list[Table]:
                 values=values,
                 reference=reference,
                 reference_label="full fine-tuning (no projection)",
+                reference_column="full FT",
             )
         )
     return tables
@@ -194,6 +196,7 @@ def online_tables(cells: dict[str, list[Run]]) -> list[Table]:
                 reference=reference,
                 reference_label=reference_label,
                 x_label=x_label,
+                reference_column="no projection",
             )
         )
     return tables
@@ -221,18 +224,23 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list
 
 
 def table_markdown(table: Table, metric: str, n_boot: int) -> list[str]:
-    """One metric of a table in markdown: a row per selection, a column per frac (or η), then the reference."""
+    """One metric of a table in markdown, shaped as the paper's: a row per selection, a column per frac (or η),
+    then the reference (the same model in every row), named again below the table."""
     xs = sorted({x for _, x in table.values})
+    ref = None
+    if table.reference is not None:
+        ref = summarize(table.reference[metric], n_boot).cell() if metric in table.reference else MISSING
     rows = []
     for selection in _selections(table):
         cells = []
         for x in xs:
             values = table.values.get((selection, x))
             cells.append(summarize(values[metric], n_boot).cell() if values and metric in values else MISSING)
-        rows.append([selection, *cells])
-    lines = [f"**{metric}**", "", *markdown_table([f"selection \\ {table.x_label}", *[f"{x:g}" for x in xs]], rows)]
-    if table.reference is not None:
-        ref = summarize(table.reference[metric], n_boot).cell() if metric in table.reference else MISSING
+        rows.append([selection, *cells, *([ref] if ref is not None else [])])
+    header = [f"selection \\ {table.x_label}", *[f"{x:g}" for x in xs]]
+    header += [table.reference_column] if ref is not None else []
+    lines = [f"**{metric}**", "", *markdown_table(header, rows)]
+    if ref is not None:
         lines += ["", f"{table.reference_label}: {ref}"]
     return [*lines, ""]
 

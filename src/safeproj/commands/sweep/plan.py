@@ -23,6 +23,7 @@ from safeproj.commands.sweep.estimate import (
     gpu_class,
     training_seconds,
 )
+from safeproj.commands.sweep.needs import Needs, add_cell, format_needs
 from safeproj.commands.sweep.spec import Cell, Sweep, load_spec
 from safeproj.core.tensor_files import SafetensorsFiles
 from safeproj.model.hub import cached_checkpoint, is_hub_name, split_name
@@ -34,10 +35,15 @@ from safeproj.runs import SAFETY_RECIPE, config_path, recipe_path
 KNOWN_PARAMETERS_B = {
     "smollm2-135m": 0.135,
     "Qwen/Qwen2.5-1.5B-Instruct": 1.54,
+    "Qwen/Qwen2.5-1.5B": 1.54,
     "Qwen/Qwen2.5-3B-Instruct": 3.09,
+    "Qwen/Qwen2.5-3B": 3.09,
     "Qwen/Qwen2.5-7B-Instruct": 7.62,
+    "Qwen/Qwen2.5-7B": 7.62,
     "meta-llama/Llama-3.2-1B-Instruct": 1.24,
+    "meta-llama/Llama-3.2-1B": 1.24,
     "meta-llama/Llama-2-7b-chat-hf": 6.74,
+    "meta-llama/Llama-2-7b-hf": 6.74,
 }
 PREREQUISITE = "prerequisite:"  # rows made once before the runs (`safeproj prereq`), not cells
 EVALUATORS = ("UtilityEval", "HarmEval")  # the generating evaluators; likelihood metrics are forward passes
@@ -146,6 +152,7 @@ def plan_sweep(
     sweep = load_spec(spec, seeds)
     out = Path(out_dir or Path("runs") / "sweeps" / sweep.name).resolve()
     rows: list[PlannedCell] = []
+    needs = Needs()
     with planning() as notes:
         configs = {cell.name: parse_cell(cell, sweep, out) for cell in sweep.cells}
         needed: list[str] = []
@@ -156,16 +163,18 @@ def plan_sweep(
             one_seed = dataclasses.replace(sweep, seeds=sweep.seeds[:1])
             config = parse_cell(prerequisite, one_seed, out)
             rows.append(planned(f"{PREREQUISITE} safety-tune {model}", 1, config, target))
+            add_cell(needs, config, 1)
     for cell in sweep.cells:
         config = configs[cell.name]
         rows.append(planned(cell.name, len(sweep.seeds), config, target))
+        add_cell(needs, config, len(sweep.seeds))
         if validation_evaluations(config):
             notes.append(f"{cell.name}: evaluations at validation are not counted")
-    print(format_plan(rows, notes, sweep, target))
+    print(format_plan(rows, notes, sweep, target, format_needs(needs, parameters_b)))
     return rows, notes
 
 
-def format_plan(rows: list[PlannedCell], notes: list[str], sweep: Sweep, gpu: GpuClass) -> str:
+def format_plan(rows: list[PlannedCell], notes: list[str], sweep: Sweep, gpu: GpuClass, needs: list[str] = ()) -> str:
     header = ("cell", "runs", "model", "params", "steps", "train tokens", "eval passes", "gen tokens", "GPU-h/run")
     table = [header]
     for row in rows:
@@ -195,7 +204,8 @@ def format_plan(rows: list[PlannedCell], notes: list[str], sweep: Sweep, gpu: Gp
         f"assumed {gpu.name}: training {gpu.train_tokens_per_s_per_billion:,.0f} tokens/s ÷ billions of parameters; "
         f"greedy decoding {DECODE_STEP_OVERHEAD_S * 1e3:.0f} ms + one weight read per step "
         "(safeproj.commands.sweep.estimate). Upper bounds: every example max_length tokens, every answer "
-        "max_new_tokens; not counted: downloads, basis builds, judge calls.",
+        "max_new_tokens; not in the GPU-hours: downloads, basis builds and judge calls, listed below.",
+        *needs,
         *(f"note: {note}" for note in notes),
         "nothing was run, downloaded or written (plan)",
     ]

@@ -21,7 +21,7 @@ DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_SEED_KEYS = ("seed_everything", "data.seed", "model.seed")
 AFTER_DIR = "after"  # after-step outputs: <out_dir>/after/<step>/seed<k>/
 AFTER_FILE = "after.json"  # written when an after-step has finished
-SPEC_KEYS = ("name", "seeds", "seed_keys", "set", "env", "include", "runs", "after")
+SPEC_KEYS = ("name", "seeds", "seed_keys", "set", "env", "include", "replace", "runs", "after")
 RUN_KEYS = ("name", "recipe", "configs", "set", "grid")
 CONFIG_ROOTS = ("model", "data", "trainer", "seed_everything", "optimizer", "lr_scheduler", "ckpt_path")
 # Commands an after-step may run (the analysis commands of `safeproj`, not sweep/report themselves).
@@ -121,6 +121,7 @@ def _load(path: Path, prefix: str, parents: tuple[Path, ...]) -> Sweep:
                 f"{path}: seed_keys entry {key!r} is neither a config path under {', '.join(CONFIG_ROOTS)} "
                 "nor a callback argument (e.g. PosthocProjection.seed)"
             )
+    replace, replaced = _replacements(raw.get("replace"), path), set()
     cells: list[Cell] = []
     after: list[AfterStep] = []
     for i, item in enumerate(_list(raw.get("include"), f"{path}: include")):
@@ -129,17 +130,41 @@ def _load(path: Path, prefix: str, parents: tuple[Path, ...]) -> Sweep:
         child_path = _find_file(item, [path.parent], f"{path}: include[{i}]")
         child = _load(child_path, prefix=f"{prefix}{_spec_name(child_path)}/", parents=(*parents, path.resolve()))
         for cell in child.cells:
-            # The including spec's `set` applies on top of the included one's (e.g. smaller sizes).
+            # The including spec's `set` applies on top of the included one's (e.g. smaller sizes), and its
+            # `replace` swaps config files in them (e.g. a stand-in model for a hub model).
+            replaced |= {c.resolve() for c in cell.configs} & set(replace)
+            swapped = [replace.get(c.resolve(), c) for c in cell.configs]
+            cell.configs = [c for c in swapped if c is not None]
             cell.overrides = {**cell.overrides, **common}
             cell.shared |= set(common)
         cells += child.cells
         after += child.after
         env = {**child.env, **env}
+    unused = sorted(str(c) for c in set(replace) - replaced)
+    if unused:
+        raise ValueError(f"{path}: replace names {unused[0]}, which no included run uses")
     for i, run in enumerate(_list(raw.get("runs"), f"{path}: runs")):
         cells += _expand_run(run, f"{path}: runs[{i}]", path, prefix, common)
     for i, step in enumerate(_list(raw.get("after"), f"{path}: after")):
         after.append(_after_step(step, f"{path}: after[{i}]", prefix, i))
     return Sweep(name=name, seeds=seeds, cells=cells, after=after, spec=path, env=env, seed_keys=list(seed_keys))
+
+
+def _replacements(value: Any, path: Path) -> dict[Path, Path | None]:
+    """`replace`: config file of an included spec -> the file to use instead, or null to drop it."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"{path}: replace must map config file names to file names (or null), got {value!r}")
+    out: dict[Path, Path | None] = {}
+    for old, new in value.items():
+        if new is not None and not isinstance(new, str):
+            raise ValueError(f"{path}: replace.{old}: expected a config file name or null, got {new!r}")
+        key = _find_file(old, [path.parent, Path.cwd()], f"{path}: replace")
+        out[key.resolve()] = (
+            None if new is None else _find_file(new, [path.parent, Path.cwd()], f"{path}: replace.{old}")
+        )
+    return out
 
 
 def _spec_name(path: Path) -> str:
