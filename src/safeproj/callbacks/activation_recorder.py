@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
+from safeproj.callbacks._sharding import refuse_sharded_weights
 from safeproj.core.activations import check_probe_sizes, check_test_size
 from safeproj.model.activations import (
     EncodedPrompt,
@@ -128,6 +129,12 @@ class ActivationRecorder(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        refuse_sharded_weights(
+            "ActivationRecorder",
+            trainer,
+            "it records on rank zero alone, and a sharded forward needs every process; "
+            "record with `safeproj activations` on the saved checkpoints instead",
+        )
         model, tokenizer = _model_and_tokenizer(pl_module)
         options = self.options
         try:

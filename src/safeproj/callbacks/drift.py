@@ -15,6 +15,10 @@ Memory: ΔW comes from a RunDelta. W₀ is read per tensor from the module's `ba
 on disk, as SafeprojLM exposes) where it holds the weight; otherwise W₀ of the governed weights is
 copied once to CPU and kept in the checkpoint, so a resumed run measures against the original start.
 A measurement moves one W₀ at a time to the weights' device and costs one projection per weight.
+
+FSDP2 (weights as DTensors sharded by rows): each process measures its own rows against W₀'s rows, and
+the squared norms are summed with one small all-reduce per weight (plus the k×n one of a left side);
+no weight is gathered. Every process measures, rank zero logs and writes.
 """
 
 from __future__ import annotations
@@ -129,7 +133,10 @@ class SubspaceDrift(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Here rather than on_fit_start: every strategy has restored the weights by now.
+        # Here rather than on_fit_start: every strategy has restored the weights by now. The weights are
+        # found again: FSDP2 (configure_model, after setup) replaces the parameters.
+        with misconfigured("SubspaceDrift"):
+            self.targets = find_targets(pl_module.model, self.basis)
         self.run = RunDelta(self.targets, getattr(pl_module, "base_dir", None), held=self._restored)
         self._restored = None
 

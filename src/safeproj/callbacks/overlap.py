@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from safeproj import wandb as wandb_logs
 from safeproj.callbacks._options import check_option, misconfigured
+from safeproj.callbacks._sharding import refuse_sharded_weights
 from safeproj.core.deltas import RunDelta, select_names
 from safeproj.core.options import ETAS, SIDES, Side, check_fractions
 from safeproj.core.overlap import aggregate, mso_tables
@@ -95,8 +96,11 @@ class OverlapCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if "FSDP" in type(trainer.strategy).__name__:
-            raise MisconfigurationException("OverlapCallback reads whole weights on rank zero; FSDP shards them")
+        refuse_sharded_weights(
+            "OverlapCallback",
+            trainer,
+            "it reads whole updates on rank zero; run `safeproj overlap` on the saved checkpoint instead",
+        )
         if not isinstance(getattr(pl_module, "model", None), torch.nn.Module):
             raise MisconfigurationException(
                 "OverlapCallback needs the LightningModule's Hugging Face model at `.model`"

@@ -31,6 +31,11 @@ class PosthocProjection(Callback):
     per tensor from the module's `base_dir` (the run's start on disk) where it holds the weight, and
     otherwise copied at train start and kept in the checkpoint for a resumed run.
 
+    FSDP2 (weights as DTensors sharded by rows): each process projects and writes its own rows
+    (`safeproj.core.sharded`: one k×n all-reduce per tensor for the left side, none for the right), keeps
+    the trained copy and W₀ of those rows only, and no weight is gathered; every process runs the same
+    evaluators in step, so their sharded forward calls match.
+
     Args:
         subspace: a delta spec or `safety:<preset>` (see `safeproj.model.subspaces`).
         fracs: rank fractions k = round(frac·min(m, n)).
@@ -90,13 +95,17 @@ class PosthocProjection(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # LoRA variants project the adapters' factors, which starts from B₀ = 0: only plain weights need W₀.
+        # The weights are found again: FSDP2 (configure_model, after setup) replaces the parameters.
+        with misconfigured("PosthocProjection"):
+            self._targets = find_weights(pl_module.model, self._source.names())
         base_dir = getattr(pl_module, "base_dir", None)
         self._run = RunDelta(self._targets, base_dir, held=self._restored, fresh_adapters=True)
         self._restored = None
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Every rank scores every variant: evaluators split their prompts across ranks and gather.
+        # Every rank scores every variant: evaluators split their prompts across ranks and gather. Under
+        # FSDP2 each rank writes its rows of every variant, and the evaluators' forward calls run in step.
         evaluators = [cb for cb in trainer.callbacks if callable(getattr(cb, "evaluate", None))]
         root = Path(trainer.default_root_dir)
         self.rows = score_variants(

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from safeproj.callbacks._options import basis_options
+from safeproj.callbacks._sharding import refuse_sharded_weights
 from safeproj.core.deltas import CheckpointDelta, DeltaSource, RunDelta
 from safeproj.core.safelora import (
     VARIANT_TEXT,
@@ -106,7 +107,12 @@ class SafeLoRA(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or self.source is not None:
+        if stage != "fit":
+            return
+        refuse_sharded_weights(
+            "SafeLoRA", trainer, "it compares and rewrites whole updates; train with DDP or one process"
+        )
+        if self.source is not None:
             return
         try:
             self.source = self._delta_source(getattr(pl_module, "model_name", None))

@@ -9,6 +9,7 @@ all-reduce (with zeros), so every rank issues the same collectives in the same o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from safeproj.core.factors import BasisEntry, Factor
 from safeproj.core.options import KEEPS
+from safeproj.core.projector import random_share
+from safeproj.core.spectrum import squared_norm
 
 SumOverRows = Callable[[Tensor], Tensor]
 """Sums a k×n tensor over every process that holds part of the rows (in place), and returns it."""
@@ -44,6 +47,11 @@ class RowShard:
 
 def is_sharded(x: Tensor) -> bool:
     return isinstance(x, DTensor)
+
+
+def forward_needs_every_process(module: torch.nn.Module) -> bool:
+    """Whether a module's forward is a collective: FSDP2 gathers its sharded weights from every process."""
+    return dist.is_initialized() and dist.get_world_size() > 1 and any(is_sharded(p) for p in module.parameters())
 
 
 def row_shard(x: DTensor) -> RowShard:
@@ -171,3 +179,39 @@ def sum_energies(values: list[float], like: Tensor, groups: tuple[dist.ProcessGr
     for group in groups:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t.tolist()
+
+
+def rows_of(full: Tensor, shard: RowShard) -> Tensor:
+    """The rows of `full` that `shard` holds: sliced from a whole tensor, or the local part of a DTensor laid
+    out like the shard's tensor (a start copied from the sharded weight), read without communication."""
+    if is_sharded(full):
+        own = row_shard(full)
+        if (own.start, own.local.shape[0]) != (shard.start, shard.local.shape[0]):
+            raise ValueError(f"rows {own.start}:+{own.local.shape[0]} do not fit a shard of rows {shard.start}:")
+        return own.local
+    if full.shape[0] != shard.rows:
+        raise ValueError(f"a tensor of {full.shape[0]} rows does not fit a shard of a {shard.rows}-row tensor")
+    return full[shard.start : shard.start + shard.local.shape[0]]
+
+
+def squared_norms(parts: list[Tensor], groups: tuple[dist.ProcessGroup, ...]) -> list[float]:
+    """‖X‖_F² of each row-sharded X from this process's rows of it: one small all-reduce for all of them."""
+    return sum_energies([squared_norm(p) for p in parts], parts[0], groups)
+
+
+def energy_of_rows(update: Tensor, shard: RowShard, entry: BasisEntry) -> dict:
+    """`core.energy.energy_row` of a row-sharded update from this process's rows of it (those `shard` holds):
+    ‖PΔ‖², ‖Δ‖², their share and a random subspace's share, summed over the processes."""
+    x = update.float()
+    kept_rows = project_rows(x, shard.start, entry, "parallel", shard.sum_over_rows)
+    kept, total = squared_norms([kept_rows, x], shard.groups)
+    share = kept / total if total > 0 else math.nan
+    return {"kept": kept if total > 0 else 0.0, "total": total, "share": share, "random_share": random_share(entry)}
+
+
+def lora_update_rows(b: Tensor, a: Tensor, scaling: float) -> tuple[Tensor, RowShard]:
+    """This process's rows of s·B·A for B (m×r) sharded by rows, and B's shard. A (r×n) is a small factor:
+    gathered whole when sharded, as every row of the product needs all of it."""
+    shard = row_shard(b)
+    whole_a = a.full_tensor() if is_sharded(a) else a
+    return scaling * (shard.local.detach().float() @ whole_a.detach().float()), shard

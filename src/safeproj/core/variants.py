@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from safeproj.core.deltas import RunDelta
@@ -21,6 +22,16 @@ from safeproj.core.energy import SubspaceGrid, Variant, pool
 from safeproj.core.factors import BasisEntry
 from safeproj.core.options import KEEPS, check_choice
 from safeproj.core.projector import project, project_left, project_right
+from safeproj.core.sharded import (
+    is_sharded,
+    lora_update_rows,
+    project_left_rows,
+    project_right_rows,
+    project_rows,
+    row_shard,
+    rows_of,
+    squared_norms,
+)
 from safeproj.core.spectrum import squared_norm
 from safeproj.io import write_rows
 
@@ -29,7 +40,9 @@ class WeightVariants:
     """Swaps W₀ + P·Δ_T into the model tensor by tensor and restores the trained weights afterwards.
 
     LoRA pairs are projected on their factors (P·B on the left, A·P on the right), which is W₀ + P·Δ_T
-    for adapters that start at B₀ = 0.
+    for adapters that start at B₀ = 0. Weights sharded by rows (FSDP2's DTensors) are handled on each
+    process's rows (`core.sharded`): every process must call `apply` and `restore` together, and none
+    gathers a weight; the trained copy and W₀ are kept for the local rows only.
     """
 
     def __init__(self, run: RunDelta, keep: str):
@@ -37,7 +50,7 @@ class WeightVariants:
         self.run, self.keep = run, keep
         self.targets = list(run.targets.values())
         self.trained = {
-            t.name: (t.lora_b.detach().clone(), t.lora_a.detach().clone()) if t.is_lora else t.weight.detach().clone()
+            t.name: tuple(_local(p).clone() for p in (t.lora_b, t.lora_a)) if t.is_lora else _local(t.weight).clone()
             for t in self.targets
         }
 
@@ -46,30 +59,71 @@ class WeightVariants:
         """Set every target to its projected variant (None = the trained weights); pooled share of energy kept."""
         rows = []
         for t in self.targets:
+            entry = None if entry_of is None else entry_of(t.name)
             if t.is_lora:
-                b, a = self.trained[t.name]
-                delta, start = t.scaling * (b.float() @ a.float()), None
+                rows.append(self._apply_lora(t, entry))
+            elif is_sharded(t.weight):
+                rows.append(self._apply_rows(t, entry))
             else:
-                start = self.run.start(t.name).to(t.weight.device).float()
-                delta = self.trained[t.name].float() - start
-            total = squared_norm(delta)
-            if entry_of is None:
-                self._restore(t)
-                rows.append({"kept": total, "total": total})
-                continue
-            entry = entry_of(t.name)
-            if t.is_lora:
-                if self.keep == "orthogonal" and entry.left is not None and entry.right is not None:
-                    raise ValueError("keep='orthogonal' with side='both' cannot be applied to LoRA factors")
-                t.lora_b.copy_(project_left(b, entry.left, self.keep) if entry.left is not None else b)
-                t.lora_a.copy_(project_right(a, entry.right, self.keep) if entry.right is not None else a)
-                kept = squared_norm(t.delta_weight())
-            else:
-                projected = project(delta, entry, self.keep)
-                kept = squared_norm(projected)
-                t.weight.copy_(start + projected)
-            rows.append({"kept": kept, "total": total})
+                rows.append(self._apply_weight(t, entry))
         return pool(rows)["share"]
+
+    def _apply_weight(self, t, entry: BasisEntry | None) -> dict:
+        start = self.run.start(t.name).to(t.weight.device).float()
+        delta = self.trained[t.name].float() - start
+        total = squared_norm(delta)
+        if entry is None:
+            self._restore(t)
+            return {"kept": total, "total": total}
+        projected = project(delta, entry, self.keep)
+        t.weight.copy_(start + projected)
+        return {"kept": squared_norm(projected), "total": total}
+
+    def _apply_rows(self, t, entry: BasisEntry | None) -> dict:
+        """This process's rows of W₀ + P·Δ_T for a row-sharded weight: sums over rows are all-reduced."""
+        shard = row_shard(t.weight)
+        start = rows_of(self.run.start(t.name), shard).to(shard.local.device).float()
+        delta = self.trained[t.name].float() - start
+        if entry is None:
+            self._restore(t)
+            (total,) = squared_norms([delta], shard.groups)
+            return {"kept": total, "total": total}
+        projected = project_rows(delta, shard.start, entry, self.keep, shard.sum_over_rows)
+        shard.local.copy_(start + projected)
+        kept, total = squared_norms([projected, delta], shard.groups)
+        return {"kept": kept, "total": total}
+
+    def _apply_lora(self, t, entry: BasisEntry | None) -> dict:
+        self._restore(t)
+        total = self._lora_energy(t)
+        if entry is None:
+            return {"kept": total, "total": total}
+        if self.keep == "orthogonal" and entry.left is not None and entry.right is not None:
+            raise ValueError("keep='orthogonal' with side='both' cannot be applied to LoRA factors")
+        b, a = self.trained[t.name]
+        if entry.left is not None:
+            _local(t.lora_b).copy_(self._project_b(t, b, entry.left))
+        if entry.right is not None:  # A·P acts on each row alone, sharded or not
+            _local(t.lora_a).copy_(
+                project_right_rows(a, entry.right, self.keep)
+                if is_sharded(t.lora_a)
+                else project_right(a, entry.right, self.keep)
+            )
+        return {"kept": self._lora_energy(t), "total": total}
+
+    def _project_b(self, t, b: Tensor, factor) -> Tensor:
+        if not is_sharded(t.lora_b):
+            return project_left(b, factor, self.keep)
+        shard = row_shard(t.lora_b)
+        return project_left_rows(b, shard.start, factor, self.keep, shard.sum_over_rows)
+
+    @staticmethod
+    def _lora_energy(t) -> float:
+        """‖s·B·A‖² of the pair in the model; the rows of a sharded B are summed over the processes."""
+        if not is_sharded(t.lora_b):
+            return squared_norm(t.delta_weight())
+        rows, shard = lora_update_rows(t.lora_b, t.lora_a, t.scaling)
+        return squared_norms([rows], shard.groups)[0]
 
     def restore(self) -> None:
         for t in self.targets:
@@ -79,10 +133,15 @@ class WeightVariants:
     def _restore(self, t) -> None:
         if t.is_lora:
             b, a = self.trained[t.name]
-            t.lora_b.copy_(b)
-            t.lora_a.copy_(a)
+            _local(t.lora_b).copy_(b)
+            _local(t.lora_a).copy_(a)
         else:
-            t.weight.copy_(self.trained[t.name])
+            _local(t.weight).copy_(self.trained[t.name])
+
+
+def _local(p: Tensor) -> Tensor:
+    """A parameter's values on this process: its rows when sharded (a view: writes reach the parameter)."""
+    return (row_shard(p).local if is_sharded(p) else p).detach()
 
 
 def run_variants(

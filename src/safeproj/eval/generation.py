@@ -8,11 +8,15 @@ transformers' own (`stop_strings`); the stop string itself is then cut from the 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 
+from safeproj.core.sharded import forward_needs_every_process
 from safeproj.data.templates import encode_text, pad_batch
 
 
@@ -68,30 +72,89 @@ def generate(
     Batches are left padded, generation stops at eos or at the first stop string, and the stop
     string itself is cut from the output. The model runs in eval mode under no_grad and gets its
     previous train/eval mode back.
+
+    A model sharded with FSDP2 (DTensor parameters) runs a forward only when every process does. So
+    every process must call this together: the processes' prompts are gathered (interleaved, as
+    `eval.ranks` shares items out: rank r holds items r, r + world, ...), every process generates all of
+    them in the batches one process would form, in step (`synced_gpus`), and keeps its own outputs.
+    The outputs then equal one process's, at the cost of every process generating every prompt.
     """
     _check_args(prompts, max_new_tokens, batch_size, stop)
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token: set tokenizer.pad_token (for example to its eos token)")
+    settings = (max_new_tokens, batch_size, stop, desc, progress)
+    if not forward_needs_every_process(model):
+        return _generate_all(model, tokenizer, list(prompts), *settings)
+    everything, mine = _gather_prompts(list(prompts))
+    outputs = _generate_all(model, tokenizer, everything, *settings, synced=True)
+    return [outputs[i] for i in mine]
+
+
+@contextmanager
+def _root_gathered(model) -> Iterator[None]:
+    """FSDP2 gathers the root unit's own weights (embeddings, head, norms) in the root's forward, which a
+    wrapper's `generate` may skip (PEFT's calls the inner model): gather them for the whole generation."""
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+def _gather_prompts(prompts: list[str]) -> tuple[list[str], list[int]]:
+    """Every process's prompts, interleaved by rank, and the positions of this process's among them."""
+    parts: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, prompts)
+    everything, mine = [], []
+    for i in range(max(len(part) for part in parts)):
+        for rank, part in enumerate(parts):
+            if i < len(part):
+                if rank == dist.get_rank():
+                    mine.append(len(everything))
+                everything.append(part[i])
+    return everything, mine
+
+
+def _generate_all(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    stop,
+    desc: str,
+    progress: bool,
+    synced: bool = False,
+) -> list[str]:
     if not prompts:
         return []
+    config = _greedy_config(model, tokenizer, max_new_tokens, stop)
     encoded = [encode_text(tokenizer, p) for p in prompts]
     # Longest prompts first: batches hold prompts of similar length (less padding), and an
     # out-of-memory error shows up on the first batch rather than the last.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     device = next(model.parameters()).device
-    config = _greedy_config(model, tokenizer, max_new_tokens, stop)
     outputs: list[str] = [""] * len(encoded)
+    # Sharded weights: generation continues until every process's batch is done, so forwards stay in step.
+    extra = {"synced_gpus": True} if synced else {}
 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), tqdm(total=len(encoded), desc=desc, disable=not progress, leave=False) as bar:
+        with (
+            torch.no_grad(),
+            _root_gathered(model),
+            tqdm(total=len(encoded), desc=desc, disable=not progress, leave=False) as bar,
+        ):
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 features = [{"input_ids": encoded[i], "attention_mask": [1] * len(encoded[i])} for i in idx]
                 batch = pad_batch(features, tokenizer.pad_token_id, side="left")
                 batch = {k: v.to(device) for k, v in batch.items()}
-                out = model.generate(**batch, generation_config=config, tokenizer=tokenizer)
+                out = model.generate(**batch, generation_config=config, tokenizer=tokenizer, **extra)
                 prompt_len = batch["input_ids"].shape[1]
                 decoded = tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
                 for i, text in zip(idx, decoded):

@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from safeproj.core.sharded import forward_needs_every_process
 from safeproj.data.templates import IGNORE_INDEX, format_example, pad_batch
 
 DEFAULT_MAX_LENGTH = 1024  # tokens per prompt + response; longer responses lose their end, as in training
@@ -62,23 +64,33 @@ def continuation_logprobs(
 
     The mean per-token log-likelihood of item i is `sums[i] / counts[i]`. The model runs in eval mode
     and gets its previous train/eval mode back.
+
+    A model sharded with FSDP2 (DTensor parameters) runs a forward only when every process does, so
+    every process must call this together (each with its own items): a process with fewer batches than
+    another runs one-token forwards, discarded, until all have run as many.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     features = encode_pairs(tokenizer, pairs, max_length)
     sums = torch.zeros(len(features), dtype=torch.float64)
     counts = torch.zeros(len(features), dtype=torch.long)
-    if not features:
+    in_step = forward_needs_every_process(model)
+    if not features and not in_step:
         return sums, counts
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     # Longest first: batches hold similar lengths (little padding), and memory peaks on the first batch.
     order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
     device = next(model.parameters()).device
+    starts = list(range(0, len(order), batch_size))
+    batches = _most_batches(len(starts), device) if in_step else len(starts)
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-            idx = order[start : start + batch_size]
+        for b in tqdm(range(batches), desc=desc, disable=not progress, leave=False):
+            if b >= len(starts):  # this process is out of items: a forward the others' batches need
+                model(input_ids=torch.full((1, 1), pad_id, device=device), use_cache=False)
+                continue
+            idx = order[starts[b] : starts[b] + batch_size]
             batch = pad_batch([features[i] for i in idx], pad_id, side="right")
             logits = model(
                 input_ids=batch["input_ids"].to(device),
@@ -90,3 +102,10 @@ def continuation_logprobs(
     finally:
         model.train(was_training)
     return sums, counts
+
+
+def _most_batches(batches: int, device: torch.device) -> int:
+    """The largest number of batches any process has: one all-reduce of a single number."""
+    most = torch.tensor([batches], dtype=torch.long, device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item())
