@@ -1,4 +1,5 @@
-"""Callbacks without a sharded implementation refuse FSDP2 at setup, in one line naming themselves."""
+"""Callbacks without a sharded implementation refuse FSDP2 at setup, in one line naming themselves;
+ActivationRecorder, which has one, sets up."""
 
 from types import SimpleNamespace
 
@@ -20,7 +21,6 @@ def _trainer(strategy):
     [
         (lambda: OverlapCallback({"safety": "tuned,base"}), "OverlapCallback"),
         (lambda: SafeLoRA("tuned,base"), "SafeLoRA"),
-        (lambda: ActivationRecorder(), "ActivationRecorder"),
     ],
 )
 def test_sharding_strategies_are_refused_at_setup(make, name):
@@ -32,3 +32,11 @@ def test_sharding_strategies_are_refused_at_setup(make, name):
 def test_only_sharding_strategies_shard_weights():
     assert shards_weights(_trainer(ModelParallelStrategy()))
     assert not shards_weights(_trainer(DDPStrategy()))
+
+
+def test_activation_recorder_sets_up_under_fsdp2(tiny_lm, prompt_files, tmp_path):
+    sets, _, _ = prompt_files
+    recorder = ActivationRecorder(prompt_sets=sets, num_prompts=4, layers=[0], analyse=False)
+    trainer = SimpleNamespace(strategy=ModelParallelStrategy(), default_root_dir=str(tmp_path), is_global_zero=True)
+    recorder.setup(trainer, tiny_lm(), "fit")  # one process: no other rank's prompts to compare
+    assert recorder._dir == tmp_path / "activations" and recorder._layer_indices == [0]

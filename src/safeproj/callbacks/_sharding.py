@@ -1,4 +1,4 @@
-"""Refusals of callbacks that need whole weights, or a forward on one process, under a sharding strategy."""
+"""Whether a strategy shards the weights, and refusals of callbacks that need them whole."""
 
 from __future__ import annotations
 

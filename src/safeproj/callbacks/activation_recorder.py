@@ -4,21 +4,28 @@ At train start, every `every_n_steps` optimizer steps and at train end, the prom
 the model with forward hooks on chosen decoder layers (`safeproj.model.activations`) and are
 streamed to `out_dir/step_{step}/` (`safeproj.model.recordings`). At train end the recordings are
 analysed (`safeproj.core.activations`) and the tables and figures logged.
+
+Rank zero records and writes. Under FSDP2 a forward is a collective, so the other ranks run the same
+forwards on the same prompts in the same batches, and discard what they capture.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
-from safeproj.callbacks._sharding import refuse_sharded_weights
+from safeproj.callbacks._sharding import shards_weights
 from safeproj.core.activations import check_probe_sizes, check_test_size
+from safeproj.core.sharded import forward_needs_every_process
 from safeproj.model.activations import (
     EncodedPrompt,
     context_length,
@@ -27,7 +34,7 @@ from safeproj.model.activations import (
     prepare_prompt_sets,
     resolve_layers,
 )
-from safeproj.model.recordings import RecordingOptions, StepRecord, record_step
+from safeproj.model.recordings import RecordingOptions, StepRecord, record_step, run_recording_forwards
 
 
 class ActivationRecorder(Callback):
@@ -129,12 +136,6 @@ class ActivationRecorder(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        refuse_sharded_weights(
-            "ActivationRecorder",
-            trainer,
-            "it records on rank zero alone, and a sharded forward needs every process; "
-            "record with `safeproj activations` on the saved checkpoints instead",
-        )
         model, tokenizer = _model_and_tokenizer(pl_module)
         options = self.options
         try:
@@ -144,6 +145,8 @@ class ActivationRecorder(Callback):
             )
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
+        if shards_weights(trainer):
+            _check_same_on_every_rank(self._encoded, self._layer_indices)
         if self.analyse:
             sizes = (len(self._encoded[self.harmful_set]), len(self._encoded[self.benign_set]))
             try:
@@ -187,15 +190,19 @@ class ActivationRecorder(Callback):
         if step in self.recorded_steps or self._dir is None:
             return
         self.recorded_steps.append(step)
-        if not trainer.is_global_zero:  # every rank holds the same weights; one copy is enough
-            return
         model, _ = _model_and_tokenizer(pl_module)
         options = self.options
-        self.last_record = record_step(
-            model, self._encoded, self._layer_indices, self._dir, step, position=options.position, pad_id=self._pad_id,
-            batch_size=options.batch_size, shard_size=options.shard_size, dtype=options.dtype,
-            progress=trainer.progress_bar_callback is not None,
-        )  # fmt: skip
+        if trainer.is_global_zero:  # one process writes the recording
+            self.last_record = record_step(
+                model, self._encoded, self._layer_indices, self._dir, step, position=options.position,
+                pad_id=self._pad_id, batch_size=options.batch_size, shard_size=options.shard_size,
+                dtype=options.dtype, progress=trainer.progress_bar_callback is not None,
+            )  # fmt: skip
+        elif forward_needs_every_process(model):  # rank zero's forwards need every process; nothing is kept
+            run_recording_forwards(
+                model, self._encoded, self._layer_indices, pad_id=self._pad_id, batch_size=options.batch_size,
+                dtype=options.dtype,
+            )  # fmt: skip
 
     def _analyse(self, trainer: Trainer) -> None:
         from safeproj import wandb as sp_wandb
@@ -236,3 +243,20 @@ def _model_and_tokenizer(pl_module: LightningModule):
             f"{type(pl_module).__name__} lacks them"
         )
     return model, tokenizer
+
+
+def _check_same_on_every_rank(encoded: dict[str, list[EncodedPrompt]], layers: list[int]) -> None:
+    """ValueError on every rank unless all ranks encoded the same prompts and picked the same layers: under
+    FSDP2 they run the same forward calls in step, and a difference would leave some waiting for ever."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    plan = {"layers": layers, "sets": {name: [[e.ids, e.positions] for e in rows] for name, rows in encoded.items()}}
+    digest = hashlib.sha256(json.dumps(plan).encode()).hexdigest()
+    digests: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) > 1:
+        differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
+        raise ValueError(
+            f"ActivationRecorder: ranks {differ} encoded other prompts or layers than rank 0; under FSDP2 every "
+            "rank runs the same recording forwards, so the prompt sets must be the same files on every rank"
+        )

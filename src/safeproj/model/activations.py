@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from safeproj.data.prompts import load_prompt_rows
 from safeproj.data.templates import encode_prompt, encode_prompt_marked, pad_batch
@@ -203,7 +204,9 @@ def record_activations(
     """Hooks on `layers` for the duration of the block; yields `capture(batch) -> {layer: (B, d) CPU}`.
 
     Inside the block the model is in eval mode under no_grad; hooks, grad mode and every module's
-    train flag are restored on exit, also when the block raises.
+    train flag are restored on exit, also when the block raises. A model sharded with FSDP2 has its
+    root's own weights gathered for the block (`root_gathered`); its forwards are collectives, so every
+    process must call `capture` on the same batches.
     """
     blocks = decoder_layers(model)
     for layer in layers:
@@ -242,13 +245,34 @@ def record_activations(
     training = {module: module.training for module in model.modules()}
     handles = []
     try:
-        for layer in layers:
-            handles.append(blocks[layer].register_forward_hook(hook_for(layer)))
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), root_gathered(model, device):
+            for layer in layers:
+                handles.append(blocks[layer].register_forward_hook(hook_for(layer)))
             yield capture
     finally:
         for handle in handles:
             handle.remove()
         for module, flag in training.items():
             module.train(flag)
+
+
+@contextmanager
+def root_gathered(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """The FSDP2 root unit's own weights (embeddings, final norm, head) gathered for the block; a no-op
+    for a model that is not an FSDP2 module. Every process must enter it together.
+
+    FSDP2 gathers them in the root's forward, which a call to the inner decoder skips. FSDP2 also takes
+    the first unit to run a forward as its root: a decoder block entered before the root ever ran would
+    become a root of its own and break the next training step, so one token goes through the root first.
+    Call under no_grad.
+    """
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()

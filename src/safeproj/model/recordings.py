@@ -17,7 +17,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,12 +157,10 @@ def record_step(
     progress: bool = True,
 ) -> StepRecord:
     """Record every prompt set at `layers` into `out_dir/step_{step}/`, replacing an older one."""
-    if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+    torch_dtype = _storage_dtype(dtype)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"step_{step}"
-    torch_dtype = STORAGE_DTYPES[dtype]
     rows: dict[str, int] = {}
     writers: list[ShardWriter] = []
     hidden = 0
@@ -173,11 +171,8 @@ def record_step(
                 layer: ShardWriter(partial, set_name, layer, {**meta, "layer": str(layer)}, shard_size)
                 for layer in layers
             }
-            starts = range(0, len(encoded), batch_size)
-            for start in tqdm(starts, desc=f"activations step {step} {set_name}", leave=False, disable=not progress):
-                chunk = encoded[start : start + batch_size]
-                captured = capture(left_pad(chunk, pad_id))
-                ids = list(range(start, start + len(chunk)))
+            desc = f"activations step {step} {set_name}"
+            for ids, captured in _captured_batches(capture, encoded, pad_id, batch_size, desc, progress):
                 for layer, writer in set_writers.items():
                     hidden = captured[layer].shape[-1]
                     writer.add(captured[layer], ids)
@@ -210,6 +205,42 @@ def record_step(
         payload_bytes=sum(rows.values()) * len(layers) * hidden * item,
         max_buffered_rows=max((w.max_buffered for w in writers), default=0),
     )
+
+
+def run_recording_forwards(
+    model: nn.Module,
+    prompt_sets: Mapping[str, Sequence[EncodedPrompt]],
+    layers: Sequence[int],
+    *,
+    pad_id: int,
+    batch_size: int = 8,
+    dtype: str = "float32",
+) -> None:
+    """The forward calls `record_step` makes with the same arguments, keeping and writing nothing.
+
+    A model sharded with FSDP2 runs a forward only when every process does: the processes that do not
+    write run this while one runs `record_step`.
+    """
+    with record_activations(model, layers, _storage_dtype(dtype)) as capture:
+        for encoded in prompt_sets.values():
+            for _ in _captured_batches(capture, encoded, pad_id, batch_size, "", progress=False):
+                pass
+
+
+def _storage_dtype(dtype: str) -> torch.dtype:
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+    return STORAGE_DTYPES[dtype]
+
+
+def _captured_batches(
+    capture, encoded: Sequence[EncodedPrompt], pad_id: int, batch_size: int, desc: str, progress: bool
+) -> Iterator[tuple[list[int], dict[int, torch.Tensor]]]:
+    """(prompt ids, {layer: rows}) of each batch of one prompt set, in order."""
+    starts = range(0, len(encoded), batch_size)
+    for start in tqdm(starts, desc=desc, leave=False, disable=not progress):
+        chunk = encoded[start : start + batch_size]
+        yield list(range(start, start + len(chunk))), capture(left_pad(chunk, pad_id))
 
 
 # --------------------------------------------------------------------------------------------
