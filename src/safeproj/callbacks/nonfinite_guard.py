@@ -13,14 +13,15 @@ from safeproj.core.finite import NonFiniteError, first_nonfinite
 class NonFiniteGuard(Callback):
     """Stops training at the first non-finite loss, gradient or weight, naming the step and the tensor.
 
-    Start weights (fresh or restored from a checkpoint) are checked in `on_fit_start`. The loss of each
+    Start weights (fresh or restored from a checkpoint) are checked in `on_train_start`. The loss of each
     micro-batch and the gradients are checked before the optimizer step, so the weights stay finite; the
     trainable weights are checked after it. The guard raises `NonFiniteError`: the module's `on_train_end`
     never runs, so no final checkpoint is written, and the guard runs before every `ModelCheckpoint`
     (Lightning orders those last), so no checkpoint of the failed step replaces the last finite one.
     `RunSummary` records the run as `"failed"` with the reason. Under fp16 with a GradScaler a non-finite
     loss or gradient is the scaler's business (it skips the step), so only the weights are checked.
-    In DDP the ranks agree before raising, so none is left waiting in a collective.
+    Across processes (DDP, FSDP2, where each process checks only its rows) every check is one decision:
+    all processes raise together, with the same message, so none is left waiting in a collective.
     """
 
     def __init__(self) -> None:
@@ -29,14 +30,14 @@ class NonFiniteGuard(Callback):
         self._weights_bad: bool = False
 
     @override
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # After a resume the restored weights are in place by now.
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Not in on_fit_start: under ModelParallelStrategy (FSDP2) Lightning restores a checkpoint after it.
         name = first_nonfinite(pl_module.named_parameters())
-        if name is not None:
+        reason = None if name is None else f"non-finite start weight {name} at step {trainer.global_step}"
+        reason = _agreed(trainer, reason)
+        if reason is not None:
             self._weights_bad = True
-            raise NonFiniteError(
-                f"non-finite start weight {name} at step {trainer.global_step}: refusing to train from it"
-            )
+            raise NonFiniteError(reason + ": refusing to train from it")
         self._checked_step = trainer.global_step
         self._bad_loss = False
 
@@ -57,9 +58,9 @@ class NonFiniteGuard(Callback):
         elif grad is not None:
             reason = f"non-finite gradient of {grad} at step {step}"
         self._bad_loss = False
-        # One decision for all ranks: the loss is per rank, and a rank raising alone would leave the others waiting.
-        if trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
-            raise NonFiniteError((reason or f"non-finite loss or gradient on another rank at step {step}") + _HINT)
+        reason = _agreed(trainer, reason)
+        if reason is not None:
+            raise NonFiniteError(reason + _HINT)
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
@@ -67,9 +68,12 @@ class NonFiniteGuard(Callback):
             return
         self._checked_step = trainer.global_step
         name = first_nonfinite((n, p) for n, p in pl_module.named_parameters() if p.requires_grad)
-        if trainer.strategy.reduce_boolean_decision(name is not None, all=False):
+        reason = _agreed(
+            trainer, None if name is None else f"non-finite weight {name} after step {trainer.global_step}"
+        )
+        if reason is not None:
             self._weights_bad = True
-            raise NonFiniteError(f"non-finite weight {name} after step {trainer.global_step}" + _HINT)
+            raise NonFiniteError(reason + _HINT)
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
@@ -83,6 +87,21 @@ class NonFiniteGuard(Callback):
 
 
 _HINT = " (training diverged: lower the learning rate or check the data; the last finite checkpoint is kept)"
+
+
+def _agreed(trainer: Trainer, reason: str | None) -> str | None:
+    """One decision for all processes: the first process's reason (by rank) when any has one, else None.
+
+    A rank raising alone would leave the others waiting in their next collective. The common case costs
+    one small all-reduce; the reasons themselves are gathered only when something is wrong.
+    """
+    if not trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
+        return None
+    if trainer.world_size == 1:
+        return reason
+    reasons: list[str | None] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(reasons, reason)
+    return next(r for r in reasons if r is not None)
 
 
 def _scaled(trainer: Trainer) -> bool:

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 
 PR_SET_PDEATHSIG = 1  # prctl option: a signal the kernel sends a process when its parent dies
+PR_GET_PDEATHSIG = 2
 FOLLOW_PARENT_ENV = "SAFEPROJ_DIE_WITH_PARENT"
 
 
@@ -24,19 +25,24 @@ def die_with_parent() -> Callable[[], None] | None:
         return None
     libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: the child only calls it
     parent = os.getpid()
-
-    def set_up() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return set_up
+    return lambda: _kill_with_parent(libc, orphaned=lambda: os.getppid() != parent)
 
 
 def follow_parent_if_asked() -> None:
-    """With SAFEPROJ_DIE_WITH_PARENT=1 (set by a sweep for its runs), die with the parent process."""
+    """With SAFEPROJ_DIE_WITH_PARENT=1 (set by a sweep for its runs), die with the parent process.
+
+    A run the sweep launched already got the signal before exec (it survives exec): it is not set twice.
+    """
     if os.environ.get(FOLLOW_PARENT_ENV) != "1" or not sys.platform.startswith("linux"):
         return
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # orphaned before prctl took effect
+    libc = ctypes.CDLL(None, use_errno=True)
+    current = ctypes.c_int(0)
+    if libc.prctl(PR_GET_PDEATHSIG, ctypes.byref(current)) == 0 and current.value == signal.SIGKILL:
+        return
+    _kill_with_parent(libc, orphaned=lambda: os.getppid() == 1)
+
+
+def _kill_with_parent(libc, orphaned: Callable[[], bool]) -> None:
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if orphaned():  # the parent died before prctl took effect
         os._exit(1)

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
-from safeproj.core.targets import hf_name
-from safeproj.io import atomic_dir
+from safeproj.model.hf_checkpoint import is_sharded_model, save_gathered_checkpoint, save_hf_checkpoint
 from safeproj.model.loading import load_model, resolve
-from safeproj.runs import RUN_MANIFEST
 
 
 @dataclass
@@ -172,18 +167,33 @@ class SafeprojLM(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @override
+    def setup(self, stage: str) -> None:
+        # A resumed run (or a rerun in the same folder) finds its start where the first run wrote it, before
+        # callbacks read it (OnlineProjection's W₀). Rank zero decides for all: every process takes one path.
+        if stage == "fit" and self.base_dir is None:
+            initial = self._initial_dir()
+            written = (initial / "config.json").is_file() if self.trainer.is_global_zero else None
+            if self.trainer.strategy.broadcast(written):
+                self.base_dir = str(initial.resolve())
+
+    @override
     def on_fit_start(self) -> None:
         if self.base_dir is None:
             # Built-in or hub weights without a plain local copy: keep the start for later diffs.
-            # On resume the weights are already restored, so an existing copy is kept, not rewritten.
-            target = Path(self.trainer.default_root_dir) / "initial"
-            full = _full_state_dict(self.model)  # sharded weights: every process joins the gather
-            if self.trainer.is_global_zero and not (target / "config.json").is_file():
+            target = self._initial_dir()
+            if is_sharded_model(self.model):  # every process joins the gathers
+                save_gathered_checkpoint(
+                    self.model, self.tokenizer, target, self.trainer.is_global_zero, base_only=True
+                )
+            elif self.trainer.is_global_zero:
                 save_hf_checkpoint(
-                    _base_model(self.model), self.tokenizer, target, state_dict=_base_state_dict(self.model, full)
+                    _base_model(self.model), self.tokenizer, target, state_dict=_base_state_dict(self.model)
                 )
             self.trainer.strategy.barrier("safeproj-initial")
             self.base_dir = str(target.resolve())
+
+    def _initial_dir(self) -> Path:
+        return Path(self.trainer.default_root_dir) / "initial"
 
     @override
     def on_train_end(self) -> None:
@@ -195,10 +205,11 @@ class SafeprojLM(L.LightningModule):
             "recipe": self.recipe,
             "global_step": int(self.trainer.global_step),
         }
-        # Sharded weights are gathered on every process (a collective), then written by rank zero.
-        state_dict = _full_state_dict(self.model)
+        if is_sharded_model(self.model):  # gathered one tensor at a time by every process, written by rank zero
+            save_gathered_checkpoint(self.model, self.tokenizer, target, self.trainer.is_global_zero, manifest)
+        elif self.trainer.is_global_zero:
+            save_hf_checkpoint(self.model, self.tokenizer, target, manifest=manifest)
         if self.trainer.is_global_zero:
-            save_hf_checkpoint(self.model, self.tokenizer, target, manifest=manifest, state_dict=state_dict)
             rank_zero_info(f"Saved checkpoint to {target}")
         self.checkpoint_path = str(target)
         _record_checkpoint(self.trainer, str(target))
@@ -218,14 +229,6 @@ def _data_parallel_mesh(module: L.LightningModule):
     return mesh["data_parallel"] if "data_parallel" in names else mesh
 
 
-def _full_state_dict(model) -> dict[str, torch.Tensor] | None:
-    """When the weights are DTensors, the whole state dict gathered to rank zero's CPU (other ranks get an
-    empty dict; every rank must call this); otherwise None, and the model's own state dict serves."""
-    if not any(isinstance(p, DTensor) for p in model.parameters()):
-        return None
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 def _weights_dir(path: str) -> str | None:
     p = Path(path)
     if p.is_dir() and (any(p.glob("*.safetensors")) or (p / "adapter_config.json").is_file()):
@@ -237,11 +240,8 @@ def _base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _base_state_dict(model, full: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
-    """The plain Hugging Face state dict of a (possibly PEFT-wrapped) model, adapters left out; from `full`
-    (the model's gathered state dict, when sharded) where given."""
-    if full is not None:
-        return {hf_name(name): tensor for name, tensor in full.items() if "lora_" not in name}
+def _base_state_dict(model) -> dict[str, torch.Tensor] | None:
+    """The plain Hugging Face state dict of a PEFT-wrapped model, adapters left out; None for a plain model."""
     if not hasattr(model, "get_base_model"):
         return None
     return {
@@ -249,22 +249,6 @@ def _base_state_dict(model, full: dict[str, torch.Tensor] | None = None) -> dict
         for name, tensor in model.get_base_model().state_dict().items()
         if "lora_" not in name
     }
-
-
-def save_hf_checkpoint(
-    model, tokenizer, target: Path, manifest: dict | None = None, state_dict: dict | None = None
-) -> Path:
-    """Write a Hugging Face directory (safetensors) atomically: a temp dir renamed into place.
-
-    A PEFT model saves its adapter only; its manifest names the base weights.
-    """
-    target = Path(target)
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
-        if manifest is not None:
-            (tmp / RUN_MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return target
 
 
 @rank_zero_only

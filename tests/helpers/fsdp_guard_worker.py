@@ -1,0 +1,86 @@
+"""Run by test_fsdp_guard.py: SafeprojLM (tiny) over two FSDP2 processes (gloo) with NonFiniteGuard, a NaN
+put into rank 1's rows of one weight only: at the start (`start`) or after step 2 (`step`).
+
+Each rank writes the message it stopped with to <out>/rank<r>.txt. A short collective timeout ends a
+rank left waiting in a collective, so a disagreement fails the test instead of hanging it.
+"""
+
+import sys
+from datetime import timedelta
+
+import lightning as L
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from helpers.ddp_worker import Halves
+from safeproj.callbacks.nonfinite_guard import NonFiniteGuard
+from safeproj.model.module import SafeprojLM
+
+STEPS = 4
+WEIGHT = "model.model.layers.0.self_attn.q_proj.weight"
+
+
+class PoisonRankOne(Callback):
+    """A NaN in rank 1's shard of WEIGHT, before the guard looks (callbacks run in list order)."""
+
+    def __init__(self, phase: str):
+        self.phase = phase
+
+    def on_train_start(self, trainer, pl_module):
+        if self.phase == "start":
+            self._poison(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.phase == "step" and trainer.global_step == 2:
+            self._poison(trainer, pl_module)
+
+    def _poison(self, trainer, pl_module):
+        if trainer.global_rank == 1:
+            with torch.no_grad():
+                pl_module.get_parameter(WEIGHT).to_local()[0, 0] = float("nan")
+
+
+class Record(Callback):
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_exception(self, trainer, pl_module, exception):
+        with open(f"{self.out}/rank{trainer.global_rank}.txt", "w") as handle:
+            handle.write(f"{type(exception).__name__}: {exception}")
+
+
+class Block(torch.utils.data.Sampler):
+    def __iter__(self):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return iter(range(rank * STEPS, (rank + 1) * STEPS))
+
+    def __len__(self):
+        return STEPS
+
+
+def main(out, phase):
+    L.seed_everything(0)
+    module = SafeprojLM("tiny", lr=1e-2, warmup_ratio=0.0)
+    data = torch.utils.data.DataLoader(Halves(STEPS, 2), batch_size=None, sampler=Block())
+    strategy = ModelParallelStrategy(
+        data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo", timeout=timedelta(seconds=60)
+    )
+    trainer = L.Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        use_distributed_sampler=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+        callbacks=[PoisonRankOne(phase), NonFiniteGuard(), Record(out)],
+    )
+    trainer.fit(module, data)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
