@@ -48,6 +48,8 @@ from safeproj.io import write_json
 from safeproj.model.loading import load_model, resolve
 
 PARTS = ("overhead", "memory", "size", "posthoc", "sharded")
+PART_KEYS = {"overhead": "overhead", "memory": "build_memory", "size": "basis_size", "posthoc": "posthoc_memory",
+             "sharded": "sharded_traffic"}  # fmt: skip
 
 
 def rss_anon() -> int:
@@ -401,6 +403,12 @@ def main() -> None:
                 print(json.dumps(result["posthoc_memory"][-1]), flush=True)
             if "sharded" in args.parts:
                 result["sharded_traffic"] += sharded_traffic(name, args.size_fracs, tmp)
+    # Parts not measured this time keep their rows from the file, so measuring one part erases no other.
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    for part, key in PART_KEYS.items():
+        if part not in args.parts and key in previous:
+            result[key] = previous[key]
     write_json(args.out, result)
     print(f"wrote {args.out}")
 

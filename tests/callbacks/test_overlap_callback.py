@@ -11,6 +11,7 @@ import pytest
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from safetensors.torch import save_file
 
 from helpers.overlap import write_checkpoint
@@ -190,3 +191,10 @@ def test_unreadable_reference_fails_before_training(tmp_path):
     with pytest.raises(MisconfigurationException, match=r"reference 'ref'"):
         fit(module, OverlapCallback({"ref": str(tmp_path / "missing")}), tmp_path)
     torch.testing.assert_close(hf_weights(module.model), before)
+
+
+def test_fsdp_v1_is_refused_at_setup():
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), default_root_dir=".", is_global_zero=True)
+    with pytest.raises(ValueError, match=r"^OverlapCallback does not support FSDP \(FSDPStrategy\)") as err:
+        OverlapCallback({"safety": "tuned,base"}).setup(trainer, SimpleNamespace(), "fit")
+    assert "\n" not in str(err.value)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from safetensors.torch import save_file
 
@@ -234,3 +236,10 @@ def test_delta_that_does_not_fit_the_model_is_refused(tmp_path):
     callback = SafeLoRA(str(tmp_path / "aligned"), str(tmp_path / "base"))
     with pytest.raises(MisconfigurationException, match="q_proj"):
         run(RandomTokensLM(lora=False, rows=16), callback, tmp_path, steps=1)
+
+
+def test_fsdp_v1_is_refused_at_setup():
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), default_root_dir=".", is_global_zero=True)
+    with pytest.raises(ValueError, match=r"^SafeLoRA does not support FSDP \(FSDPStrategy\)") as err:
+        SafeLoRA("tuned,base").setup(trainer, SimpleNamespace(), "fit")
+    assert "\n" not in str(err.value)

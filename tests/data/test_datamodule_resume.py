@@ -87,3 +87,40 @@ def test_epoch_order_is_fixed_by_seed_and_epoch_and_resumes_mid_epoch():
     assert list(again) == first  # another epoch: nothing skipped
     again.set_epoch(1)
     assert list(again) == second[4:] and len(again) == 10
+
+
+def test_processes_split_each_epoch_as_distributed_sampler_does_and_resume_within_their_share():
+    whole = EpochShuffle(10, seed=3).order(0)
+    shares = [EpochShuffle(10, seed=3, num_replicas=4, rank=r) for r in range(4)]
+    assert [len(s) for s in shares] == [3, 3, 3, 3]  # 10 padded to 12 from the order's start
+    padded = whole + whole[:2]
+    assert [list(s) for s in shares] == [padded[r::4] for r in range(4)]
+    assert isinstance(shares[0], torch.utils.data.DistributedSampler)  # so Lightning keeps it as it is
+    # Each process resumes after the batches it trained on; together they see what an uninterrupted run does.
+    shares[1].set_epoch(2)
+    resumed = EpochShuffle(10, seed=3, num_replicas=4, rank=1)
+    resumed.resume(epoch=2, skip=2)
+    resumed.set_epoch(2)
+    assert list(resumed) == list(shares[1])[2:]
+    with pytest.raises(ValueError, match="rank=4, num_replicas=4"):
+        EpochShuffle(10, seed=3, num_replicas=4, rank=4)
+
+
+def test_a_data_parallel_process_resumes_its_own_share_of_the_epoch():
+    """The loader a process builds under DDP or FSDP2 draws its share, after the batches it trained on."""
+    from types import SimpleNamespace
+
+    from safeproj.model.loading import tiny_model
+
+    tokenizer = tiny_model()[1]
+    for rank in (0, 1):
+        data = InstructionDataModule([SourceSpec("builtin:useful")], num_samples=24, val_fraction=0.0, batch_size=4,
+                                     max_length=256, seed=0, tokenizer=tokenizer)  # fmt: skip
+        data.setup("fit")
+        data.trainer = SimpleNamespace(world_size=2, global_rank=rank,
+                                       distributed_sampler_kwargs={"num_replicas": 2, "rank": rank})  # fmt: skip
+        data.load_state_dict({"epoch": 0, "batches": 2})
+        sampler = data.train_dataloader().sampler
+        whole = EpochShuffle(len(data.train_dataset), seed=0).order(0)
+        assert (sampler.num_replicas, sampler.rank, len(sampler)) == (2, rank, 12)
+        assert list(sampler) == whole[rank::2][8:]  # its own share, after 2 batches of 4

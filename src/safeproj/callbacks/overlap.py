@@ -14,10 +14,11 @@ from typing_extensions import override
 
 from safeproj import wandb as wandb_logs
 from safeproj.callbacks._options import check_option, misconfigured
-from safeproj.callbacks._sharding import refuse_sharded_weights
+from safeproj.callbacks._sharding import refuse_flat_parameters, target_is_sharded
 from safeproj.core.deltas import RunDelta, select_names
 from safeproj.core.options import ETAS, SIDES, Side, check_fractions
-from safeproj.core.overlap import aggregate, mso_tables
+from safeproj.core.overlap import aggregate, mso_tables, sharded_mso_tables
+from safeproj.core.sharded import run_update_rows
 from safeproj.core.spectra import SpectrumCache, Subspaces
 from safeproj.core.targets import Target, model_weights
 from safeproj.io import write_rows
@@ -41,6 +42,11 @@ class OverlapCallback(Callback):
     as SafeprojLM exposes) for every tensor it holds, otherwise from a CPU copy made at train start and
     kept in the callback's checkpoint state, so a resumed run still measures from the true start.
     LoRA modules use the merged ΔW = scale·B·A. Tensor names are the plain Hugging Face names.
+
+    Under FSDP2 (weights as DTensors sharded by rows) every process computes the tables together from
+    its own rows, gathering no weight (`core.overlap.sharded_mso_tables`: one n×n float64 all-reduce of
+    each tensor's Gram matrix, then small ones); LoRA pairs gather their small factor A (r×n). Rank zero
+    writes and logs. FSDP (v1) is refused at setup.
 
     Args:
         references: label → reference subspace: a delta spec (`TUNED,BASE`, adapter or run dir,
@@ -84,6 +90,7 @@ class OverlapCallback(Callback):
         self._sources: dict[str, Subspaces] = {}
         self._targets: dict[str, Target] = {}
         self._run: RunDelta | None = None
+        self._sharded = False
         self._start_dir: str | None = None  # where W_start was read from, when a folder held it
         self._restored: dict[str, torch.Tensor] | None = None
 
@@ -96,11 +103,7 @@ class OverlapCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        refuse_sharded_weights(
-            "OverlapCallback",
-            trainer,
-            "it reads whole updates on rank zero; run `safeproj overlap` on the saved checkpoint instead",
-        )
+        refuse_flat_parameters("OverlapCallback", trainer)
         if not isinstance(getattr(pl_module, "model", None), torch.nn.Module):
             raise MisconfigurationException(
                 "OverlapCallback needs the LightningModule's Hugging Face model at `.model`"
@@ -127,7 +130,9 @@ class OverlapCallback(Callback):
                 f"({', '.join(self.references)}); check include/exclude"
             )
         self._targets = {n: weights[n] for n in names}
-        if trainer.is_global_zero:
+        # Sharded weights are measured on every process's rows together; whole ones on rank zero alone.
+        self._sharded = any(target_is_sharded(t) for t in self._targets.values())
+        if trainer.is_global_zero or self._sharded:
             base_dir = getattr(pl_module, "base_dir", None)
             self._run = RunDelta(self._targets.values(), base_dir, held=self._restored)
             self._start_dir = base_dir if self._run.on_disk else None
@@ -135,14 +140,29 @@ class OverlapCallback(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero or self._run is None:
+        if self._run is None:
             return
         cache = SpectrumCache(side=self.side)
         # References may cover more tensors than the run trains (LoRA on a few modules): compare the shared ones.
-        self.tables = mso_tables(
-            self._run, self._sources, self.etas, side=self.side, cache=cache, progress=True, warn_unshared=False
-        )
+        if self._sharded:
+            run = self._run
+            self.tables = sharded_mso_tables(
+                run,
+                lambda name: run_update_rows(run, name),
+                self._sources,
+                self.etas,
+                side=self.side,
+                cache=cache,
+                progress=trainer.is_global_zero,
+                warn_unshared=False,
+            )
+        else:
+            self.tables = mso_tables(
+                self._run, self._sources, self.etas, side=self.side, cache=cache, progress=True, warn_unshared=False
+            )
         self._run = None  # lets go of the start copies
+        if not trainer.is_global_zero:
+            return
         out = Path(self.out_dir or Path(trainer.default_root_dir) / "overlap")
         metrics: dict[str, float] = {}
         for label, rows in self.tables.items():

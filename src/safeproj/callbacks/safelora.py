@@ -19,17 +19,20 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from safeproj.callbacks._options import basis_options
-from safeproj.callbacks._sharding import refuse_sharded_weights
+from safeproj.callbacks._sharding import refuse_flat_parameters, target_is_sharded
 from safeproj.core.deltas import CheckpointDelta, DeltaSource, RunDelta
 from safeproj.core.safelora import (
     VARIANT_TEXT,
     VARIANTS,
     SafeLoRAProjection,
     Variant,
+    cosine_of_rows,
     layer_similarity,
+    lora_cosine_of_rows,
     safelora_projection,
     select_layers,
 )
+from safeproj.core.sharded import row_shard, rows_of, run_update_rows, whole_factor
 from safeproj.core.targets import Target, find_weights, model_weights
 from safeproj.model.loading import resolve
 from safeproj.model.subspaces import delta_source, expand_spec
@@ -44,6 +47,12 @@ class SafeLoRA(Callback):
     W ← W₀ + C·ΔW. Runs before the module's own `on_train_end`, so the saved checkpoint holds the
     rewritten weights. Logs per-layer similarities (`safelora/similarity/<name>`), counts, and a W&B
     table with the variant used.
+
+    Under FSDP2 (weights as DTensors sharded by rows) every process rewrites its own rows, gathering no
+    weight: C·X = V(VᵀX)/‖V‖_F with VᵀX summed over rows, one n×r all-reduce per LoRA B (n×n per full
+    update, k×r or k×n for the orthonormal variant), and the similarities from sums over rows (a 3×r×r
+    all-reduce for LoRA, 3 numbers for a full weight). LoRA pairs gather their small factor A (r×n).
+    The alignment delta is read whole on every process, one tensor at a time. FSDP (v1) is refused.
 
     Args:
         aligned: the aligned checkpoint (a directory, safetensors file or preset); with `base=None`, any
@@ -109,9 +118,7 @@ class SafeLoRA(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        refuse_sharded_weights(
-            "SafeLoRA", trainer, "it compares and rewrites whole updates; train with DDP or one process"
-        )
+        refuse_flat_parameters("SafeLoRA", trainer)
         if self.source is not None:
             return
         try:
@@ -144,6 +151,8 @@ class SafeLoRA(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # W₀ of the fully trained weights: read from the run's start on disk (the module's base_dir, set
         # by on_fit_start), else copied to CPU here. LoRA updates are read from the adapters (B₀ = 0).
+        # Found again: FSDP2's configure_model, after setup, replaces the parameters by sharded ones.
+        self.targets = self._match(pl_module.model)
         full = [t for t in self.targets if not t.is_lora]
         self._run = RunDelta(full, start_dir=getattr(pl_module, "base_dir", None), held=self._restored)
         self._restored = None
@@ -160,12 +169,20 @@ class SafeLoRA(Callback):
         self.similarities = {}
         for t in tqdm(self.targets, desc="SafeLoRA similarities", disable=not progress):
             C = self._projection(t)
-            self.similarities[t.name] = math.nan if C is None else layer_similarity(C, *self._update(t))
+            if C is None:
+                self.similarities[t.name] = math.nan
+            elif target_is_sharded(t):
+                self.similarities[t.name] = self._similarity_of_rows(t, C)
+            else:
+                self.similarities[t.name] = layer_similarity(C, *self._update(t))
         self.selected = select_layers(self.similarities, self.threshold, self.num_layers)
         by_name = {t.name: t for t in self.targets}
         # The projection is rebuilt rather than kept: C·ΔW of every layer would hold a model's worth of memory.
         for name in tqdm(self.selected, desc="SafeLoRA rewrite", disable=not progress):
             t = by_name[name]
+            if target_is_sharded(t):
+                self._rewrite_rows(t, self._projection(t))
+                continue
             C, (update, _) = self._projection(t), self._update(t)
             if t.is_lora:
                 t.lora_b.copy_(C(update.float()))  # s·(C·B)·A = C·ΔW
@@ -179,6 +196,25 @@ class SafeLoRA(Callback):
             return None  # no alignment direction in this layer: nothing to compare with
         device = (t.lora_b if t.is_lora else t.weight).device
         return safelora_projection(V.to(device), self.variant, self.frac, self.eta)
+
+    def _similarity_of_rows(self, t: Target, C: SafeLoRAProjection) -> float:
+        """`layer_similarity` from this process's rows of a sharded update; every process calls it together."""
+        if t.is_lora:
+            shard = row_shard(t.lora_b)
+            projected = C.rows(shard.local, shard.start, shard.sum_over_rows)
+            return lora_cosine_of_rows(shard.local, projected, whole_factor(t.lora_a), shard.sum_over_rows)
+        update, shard = run_update_rows(self._run, t.name)
+        return cosine_of_rows(update, C.rows(update, shard.start, shard.sum_over_rows), shard.sum_over_rows)
+
+    def _rewrite_rows(self, t: Target, C: SafeLoRAProjection) -> None:
+        """This process's rows of B ← C·B, or of W ← W₀ + C·ΔW; every process calls it together."""
+        if t.is_lora:
+            shard = row_shard(t.lora_b)
+            shard.local.copy_(C.rows(shard.local.float(), shard.start, shard.sum_over_rows))
+            return
+        update, shard = run_update_rows(self._run, t.name)
+        start = rows_of(self._run.start(t.name), shard).to(update.device, torch.float32)
+        shard.local.copy_(start + C.rows(update, shard.start, shard.sum_over_rows))
 
     def _update(self, t: Target) -> tuple[Tensor, Tensor | None]:
         """(B, A) of a LoRA pair, or (W − W₀, None) of a full weight."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 from safeproj.core.factors import Factor
 from safeproj.core.names import module_sort_key, parse_name
 from safeproj.core.options import ETAS, Side, check_fractions
-from safeproj.core.spectra import SpectrumCache, Subspaces, shared_names
+from safeproj.core.sharded import RowShard
+from safeproj.core.sharded_spectrum import RowFactorization, cross_of_rows, principal_angles_of_rows
+from safeproj.core.spectra import Spectrum, SpectrumCache, Subspaces, shared_names
 from safeproj.core.spectrum import k_for_energy, orthogonal_complement
 
 
@@ -88,40 +90,78 @@ def principal_angles(Qv: Tensor | Factor, Qw: Tensor | Factor) -> Tensor:
     return angles.sort().values.float()
 
 
+def _grid(Sv: Tensor, Sw: Tensor, cols_v: int, cols_w: int, etas: Sequence[float]):
+    """(η, k_v, k_w) for every η both sides have enough vectors for, and how many η were left out."""
+    grid, skipped = [], 0
+    for eta in etas:
+        kv, kw = k_for_energy(Sv, eta), k_for_energy(Sw, eta)
+        if kv > cols_v or kw > cols_w:
+            skipped += 1
+        else:
+            grid.append((eta, kv, kw))
+    return grid, skipped
+
+
+def _row(name: str, eta: float, kv: int, kw: int, d: int, overlap: float, angles: Tensor) -> dict:
+    layer, module = parse_name(name)
+    baseline = random_baseline(kv, kw, d)
+    return {
+        "name": name,
+        "layer": layer,
+        "module": module,
+        "eta": eta,
+        "k_v": kv,
+        "k_w": kw,
+        "d": d,
+        "mso": overlap,
+        "baseline": baseline,
+        "ratio": overlap / baseline,
+        "angle_deg": math.degrees(float(angles.mean())),
+    }
+
+
 def _mso_rows(name: str, spec_v, spec_w, etas: Sequence[float]) -> tuple[list[dict], int]:
     """Rows for every η, and how many η were left out because a basis stores too few top vectors."""
     (Qv, Sv), (Qw, Sw) = spec_v, spec_w
     d = Qv.shape[0]
     if Qw.shape[0] != d:
         raise ValueError(f"tensor {name}: subspaces live in R^{d} and R^{Qw.shape[0]}")
-    layer, module = parse_name(name)
-    rows, skipped = [], 0
-    for eta in etas:
-        kv = k_for_energy(Sv, eta)
-        kw = k_for_energy(Sw, eta)
-        if kv > Qv.shape[1] or kw > Qw.shape[1]:
-            skipped += 1
-            continue
+    grid, skipped = _grid(Sv, Sw, Qv.shape[1], Qw.shape[1], etas)
+    rows = []
+    for eta, kv, kw in grid:
         V, W = Qv[:, :kv], Qw[:, :kw]
-        overlap = mso(V, W)
-        baseline = random_baseline(kv, kw, d)
-        angles = principal_angles(V, W)
-        rows.append(
-            {
-                "name": name,
-                "layer": layer,
-                "module": module,
-                "eta": eta,
-                "k_v": kv,
-                "k_w": kw,
-                "d": d,
-                "mso": overlap,
-                "baseline": baseline,
-                "ratio": overlap / baseline,
-                "angle_deg": math.degrees(float(angles.mean())),
-            }
-        )
+        rows.append(_row(name, eta, kv, kw, d, mso(V, W), principal_angles(V, W)))
     return rows, skipped
+
+
+def _mso_rows_of_shard(
+    name: str, factors: RowFactorization, shard: RowShard, spec_w, etas: Sequence[float]
+) -> tuple[list[dict], int]:
+    """`_mso_rows` on the left side of a row-sharded Δ: one k_V×k_W all-reduce for the η grid, and one
+    small one per η for its principal angles. Every process sharing the rows calls it together."""
+    Qw, Sw = spec_w
+    d = factors.shape[0]
+    if Qw.shape[0] != d:
+        raise ValueError(f"tensor {name}: subspaces live in R^{d} and R^{Qw.shape[0]}")
+    grid, skipped = _grid(factors.S, Sw, min(factors.shape), Qw.shape[1], etas)
+    if not grid:
+        return [], skipped
+    qv = factors.left_rows(max(kv for _, kv, _ in grid))
+    qw = Qw[shard.start : shard.start + qv.shape[0], : max(kw for _, _, kw in grid)].to(qv)
+    cross = cross_of_rows(qv, qw, shard.sum_over_rows)  # Q_Vᵀ Q_W of the largest k_v, k_w
+    rows = []
+    for eta, kv, kw in grid:
+        c = cross[:kv, :kw]
+        if kv <= kw:  # the smaller subspace first, as `principal_angles` takes it
+            angles = principal_angles_of_rows(qv[:, :kv], qw[:, :kw], c.T, shard.sum_over_rows)
+        else:
+            angles = principal_angles_of_rows(qw[:, :kw], qv[:, :kv], c, shard.sum_over_rows)
+        rows.append(_row(name, eta, kv, kw, d, c.square().sum().item() / min(kv, kw), angles))
+    return rows, skipped
+
+
+Compare = Callable[[Spectrum], tuple[list[dict], int]]
+"""The MSO rows of one tensor of the first delta against one reference spectrum, and the η left out."""
 
 
 def mso_tables(
@@ -140,21 +180,79 @@ def mso_tables(
     a LoRA run covers a few modules of a full reference).
     """
     etas = check_fractions("eta", etas)
-    if not sources_w:
-        raise ValueError("no reference delta to compare with")
+    cache = _side_cache(cache, side)
+
+    def compare(name: str) -> Compare:
+        spec_v = cache.get(source_v, name)
+        return lambda spec_w: _mso_rows(name, spec_v, spec_w, etas)
+
+    return _tables(source_v, sources_w, compare, cache, modules, progress, warn_unshared)
+
+
+def sharded_mso_tables(
+    source_v: Subspaces,
+    update_rows: Callable[[str], tuple[Tensor, RowShard]],
+    sources_w: Mapping[str, Subspaces],
+    etas: Sequence[float] = ETAS,
+    side: Side = "left",
+    cache: SpectrumCache | None = None,
+    progress: bool = False,
+    warn_unshared: bool = True,
+) -> dict[str, list[dict]]:
+    """`mso_tables` of a delta whose tensors are sharded by rows across processes (FSDP2), none gathered.
+
+    `source_v` names the tensors and their shapes; `update_rows(name)` gives this process's rows of
+    one and its `RowShard`. Each tensor's spectrum comes from its n×n Gram matrix, one float64
+    all-reduce of 8·n² bytes (`RowFactorization`); the right side's vectors are then whole on every
+    process, the left side's are local rows, and Q_Vᵀ Q_W adds one k_V×k_W all-reduce and the
+    principal angles one k×k all-reduce per η. References are read whole on every process. Every
+    process sharing the rows calls this together and gets the same tables.
+    """
+    etas = check_fractions("eta", etas)
+    cache = _side_cache(cache, side)
+
+    def compare(name: str) -> Compare:
+        local, shard = update_rows(name)
+        factors = RowFactorization(local, shard.rows, shard.sum_over_rows)
+        if factors.S[0] == 0:
+            raise ValueError(f"delta of {name} is all zero: it spans no subspace (was this tensor trained?)")
+        if side == "right":
+            spec_v = (factors.right_vectors(), factors.S)
+            return lambda spec_w: _mso_rows(name, spec_v, spec_w, etas)
+        return lambda spec_w: _mso_rows_of_shard(name, factors, shard, spec_w, etas)
+
+    return _tables(source_v, sources_w, compare, cache, None, progress, warn_unshared)
+
+
+def _side_cache(cache: SpectrumCache | None, side: Side) -> SpectrumCache:
     cache = cache or SpectrumCache(side=side)
     if cache.side != side:
         raise ValueError(f"cache holds {cache.side}-side spectra but side={side!r}")
+    return cache
+
+
+def _tables(
+    source_v: Subspaces,
+    sources_w: Mapping[str, Subspaces],
+    compare: Callable[[str], Compare],
+    cache: SpectrumCache,
+    modules: Sequence[str] | None,
+    progress: bool,
+    warn_unshared: bool,
+) -> dict[str, list[dict]]:
+    """Every reference's rows over the shared tensors, one tensor's spectra at a time."""
+    if not sources_w:
+        raise ValueError("no reference delta to compare with")
     names = shared_names(source_v, sources_w, modules, warn=warn_unshared)
     members = {label: set(s.names()) for label, s in sources_w.items()}
     tables: dict[str, list[dict]] = {label: [] for label in sources_w}
     skipped = dict.fromkeys(sources_w, 0)
     for name in tqdm(names, desc="MSO", unit="tensor", disable=not progress):
         try:
-            spec_v = cache.get(source_v, name)
+            rows_against = compare(name)
             for label, source_w in sources_w.items():
                 if name in members[label]:
-                    rows, left_out = _mso_rows(name, spec_v, cache.get(source_w, name), etas)
+                    rows, left_out = rows_against(cache.get(source_w, name))
                     tables[label].extend(rows)
                     skipped[label] += left_out
         finally:
@@ -170,7 +268,7 @@ def mso_tables(
             warnings.warn(
                 f"{count} tensor × η pairs{where} need more top vectors than the basis artifact stores "
                 "and were left out",
-                stacklevel=2,
+                stacklevel=3,
             )
     return tables
 

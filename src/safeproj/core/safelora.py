@@ -37,6 +37,7 @@ from torch import Tensor
 from safeproj.core.factors import Factor
 from safeproj.core.options import check_choice
 from safeproj.core.projector import project_left
+from safeproj.core.sharded import SumOverRows
 from safeproj.core.spectrum import all_finite, k_for_energy, k_for_frac, select_vectors, side_spectrum, squared_norm
 
 Variant = Literal["safelora", "orthonormal"]
@@ -89,6 +90,18 @@ class SafeLoRAProjection:
             out = (F @ F.T) @ x
         return (self.scale * out).to(X.dtype)
 
+    def rows(self, local: Tensor, start: int, sum_over_rows: SumOverRows) -> Tensor:
+        """Rows start:start+len(local) of C·X for X (m rows) sharded by rows across processes.
+
+        C·X = scale·F(FᵀX) and FᵀX sums over rows: one p×c all-reduce (p = n for SafeLoRA's V, k for
+        U_k; c = r for a LoRA B, n for a full update). Every process sharing X's rows calls it together.
+        """
+        if local.ndim != 2 or not 0 <= start <= start + local.shape[0] <= self.dim:
+            raise ValueError(f"rows {start}:{start + local.shape[0]} do not fit C of size {self.dim}")
+        F = self.vectors.to(device=local.device, dtype=torch.float32)[start : start + local.shape[0]]
+        out = F @ sum_over_rows(F.T @ local.float())
+        return (self.scale * out).to(local.dtype)
+
 
 def safelora_projection(
     V: Tensor, variant: Variant = "safelora", frac: float | None = 0.5, eta: float | None = None
@@ -128,14 +141,36 @@ def lora_cosine(b: Tensor, projected_b: Tensor, a: Tensor) -> float:
 
     ⟨XA, YA⟩_F = tr(XᵀY·AAᵀ), so only r×r matrices are needed (the LoRA scale cancels).
     """
-    X, Y, A = b.double(), projected_b.double(), a.double()
+    X, Y = b.double(), projected_b.double()
+    return _lora_cosine(X.T @ X, X.T @ Y, Y.T @ Y, a)
+
+
+def _lora_cosine(xx: Tensor, xy: Tensor, yy: Tensor, a: Tensor) -> float:
+    """The cosine of X·A and Y·A from XᵀX, XᵀY, YᵀY (r×r each)."""
+    A = a.double().to(xx.device)
     gram = A @ A.T  # (r, r)
 
-    def inner(p: Tensor, q: Tensor) -> float:
-        return float(((p.T @ q) * gram).sum())
+    def inner(pq: Tensor) -> float:
+        return float((pq * gram).sum())
 
-    denom = inner(X, X) * inner(Y, Y)
-    return inner(X, Y) / math.sqrt(denom) if denom > 0 else math.nan
+    denom = inner(xx) * inner(yy)
+    return inner(xy) / math.sqrt(denom) if denom > 0 else math.nan
+
+
+def cosine_of_rows(x: Tensor, y: Tensor, sum_over_rows: SumOverRows) -> float:
+    """`cosine` of two row-sharded matrices from this process's rows of each: one all-reduce of 3 numbers."""
+    a, b = x.double().reshape(-1), y.double().reshape(-1)
+    xy, xx, yy = sum_over_rows(torch.stack([a @ b, a @ a, b @ b])).tolist()
+    denom = math.sqrt(xx * yy)
+    return xy / denom if denom > 0 else math.nan
+
+
+def lora_cosine_of_rows(b: Tensor, projected_b: Tensor, a: Tensor, sum_over_rows: SumOverRows) -> float:
+    """`lora_cosine` with B and C·B sharded by rows (this process's rows given) and A whole: BᵀB, Bᵀ(CB)
+    and (CB)ᵀ(CB) sum over rows, one 3×r×r all-reduce."""
+    X, Y = b.double(), projected_b.double()
+    xx, xy, yy = sum_over_rows(torch.stack([X.T @ X, X.T @ Y, Y.T @ Y]))
+    return _lora_cosine(xx, xy, yy, a)
 
 
 def layer_similarity(C: SafeLoRAProjection, update: Tensor, lora_a: Tensor | None = None) -> float:

@@ -10,12 +10,14 @@ all-reduce (with zeros), so every rank issues the same collectives in the same o
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -215,3 +217,58 @@ def lora_update_rows(b: Tensor, a: Tensor, scaling: float) -> tuple[Tensor, RowS
     shard = row_shard(b)
     whole_a = a.full_tensor() if is_sharded(a) else a
     return scaling * (shard.local.detach().float() @ whole_a.detach().float()), shard
+
+
+def whole_factor(x: Tensor) -> Tensor:
+    """A small LoRA factor A (r×n) whole: gathered when sharded, as every row of B·A needs all of it."""
+    return x.full_tensor() if is_sharded(x) else x
+
+
+def whole_rows(x: Tensor) -> RowShard:
+    """A plain tensor every process holds whole, as a shard of all its rows that sums over no process."""
+    return RowShard(local=x, start=0, rows=int(x.shape[0]), groups=())
+
+
+def run_update_rows(run, name: str) -> tuple[Tensor, RowShard]:
+    """This process's rows of a RunDelta's update W_now − W_start (float32) and the shard they come from.
+
+    A plain weight's start rows come from disk or the run's copy (`rows_of`); a LoRA pair's update is
+    s·B·A − s·B₀·A₀ on B's rows, with the small factors A and A₀ gathered whole. A weight that is not a
+    DTensor is one shard of all its rows.
+    """
+    t = run.targets[name]
+    if t.is_lora:
+        rows, shard = (
+            lora_update_rows(t.lora_b, t.lora_a, t.scaling)
+            if is_sharded(t.lora_b)
+            else (t.delta_weight().detach(), whole_rows(t.lora_b))
+        )
+        if f"{name}::B" in run.held:
+            b0 = rows_of(run.held[f"{name}::B"], shard).to(rows.device).float()
+            a0 = whole_factor(run.held[f"{name}::A"]).to(rows.device).float()
+            rows = rows - t.scaling * (b0 @ a0)
+        return rows, shard
+    shard = row_shard(t.weight) if is_sharded(t.weight) else whole_rows(t.weight.detach())
+    start = rows_of(run.start(name), shard).to(shard.local.device).float()
+    return shard.local.detach().float() - start, shard
+
+
+@contextmanager
+def root_gathered(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """The FSDP2 root unit's own weights (embeddings, final norm, head) gathered for the block; a no-op
+    for a model that is not an FSDP2 module. Every process must enter it together.
+
+    FSDP2 gathers them in the root's forward, which a call to the inner decoder skips. FSDP2 also takes
+    the first unit to run a forward as its root: a decoder block entered before the root ever ran would
+    become a root of its own and break the next training step, so one token goes through the root first.
+    Call under no_grad.
+    """
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()

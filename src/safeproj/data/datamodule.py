@@ -231,11 +231,7 @@ class InstructionDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        if self.trainer is not None and self.trainer.world_size > 1:
-            # Lightning swaps the shuffle for a DistributedSampler (seeded, one order per epoch); a resume
-            # restarts that epoch's order.
-            return self._loader(self.train_dataset, shuffle=True)
-        sampler = EpochShuffle(len(self.train_dataset), self.seed)
+        sampler = EpochShuffle(len(self.train_dataset), self.seed, **self._data_parallel())
         if self._resume is not None:
             sampler.resume(self._resume["epoch"], self._resume["batches"] * self.batch_size)
         return DataLoader(
@@ -247,6 +243,17 @@ class InstructionDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=functools.partial(pad_batch, pad_id=self._pad_id, side="right"),
         )
+
+    def _data_parallel(self) -> dict[str, int]:
+        """This process's place among the data-parallel processes (Lightning's split of the data)."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return {"num_replicas": 1, "rank": 0}
+        kwargs = trainer.distributed_sampler_kwargs or {}
+        return {
+            "num_replicas": kwargs.get("num_replicas", trainer.world_size),
+            "rank": kwargs.get("rank", trainer.global_rank),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """Where training stands in the data: the epoch and the batches of it already trained on."""

@@ -8,15 +8,13 @@ transformers' own (`stop_strings`); the stop string itself is then cut from the 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 
-from safeproj.core.sharded import forward_needs_every_process
+from safeproj.core.sharded import forward_needs_every_process, root_gathered
 from safeproj.data.templates import encode_text, pad_batch
 
 
@@ -90,20 +88,6 @@ def generate(
     return [outputs[i] for i in mine]
 
 
-@contextmanager
-def _root_gathered(model) -> Iterator[None]:
-    """FSDP2 gathers the root unit's own weights (embeddings, head, norms) in the root's forward, which a
-    wrapper's `generate` may skip (PEFT's calls the inner model): gather them for the whole generation."""
-    if not isinstance(model, FSDPModule):
-        yield
-        return
-    model.unshard()
-    try:
-        yield
-    finally:
-        model.reshard()
-
-
 def _gather_prompts(prompts: list[str]) -> tuple[list[str], list[int]]:
     """Every process's prompts, interleaved by rank, and the positions of this process's among them."""
     parts: list[list[str] | None] = [None] * dist.get_world_size()
@@ -146,7 +130,7 @@ def _generate_all(
     try:
         with (
             torch.no_grad(),
-            _root_gathered(model),
+            root_gathered(model, device),
             tqdm(total=len(encoded), desc=desc, disable=not progress, leave=False) as bar,
         ):
             for start in range(0, len(order), batch_size):

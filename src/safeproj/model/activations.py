@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
+from safeproj.core.sharded import root_gathered
 from safeproj.data.prompts import load_prompt_rows
 from safeproj.data.templates import encode_prompt, encode_prompt_marked, pad_batch
 
@@ -255,24 +255,3 @@ def record_activations(
             handle.remove()
         for module, flag in training.items():
             module.train(flag)
-
-
-@contextmanager
-def root_gathered(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """The FSDP2 root unit's own weights (embeddings, final norm, head) gathered for the block; a no-op
-    for a model that is not an FSDP2 module. Every process must enter it together.
-
-    FSDP2 gathers them in the root's forward, which a call to the inner decoder skips. FSDP2 also takes
-    the first unit to run a forward as its root: a decoder block entered before the root ever ran would
-    become a root of its own and break the next training step, so one token goes through the root first.
-    Call under no_grad.
-    """
-    if not isinstance(model, FSDPModule):
-        yield
-        return
-    model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
-    model.unshard()
-    try:
-        yield
-    finally:
-        model.reshard()
