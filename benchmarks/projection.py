@@ -40,9 +40,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from safeproj.callbacks.online_projection import OnlineProjection
 from safeproj.core.basis import build_basis
 from safeproj.core.deltas import CheckpointDelta, select_names
+from safeproj.core.online import StepProjector
 from safeproj.core.targets import find_targets
 from safeproj.io import write_json
 from safeproj.model.loading import load_model, resolve
@@ -128,9 +128,9 @@ def step_overhead(
     base = resolve(model_name)
     tuned = perturbed_copy(base, tmp / f"tuned-{model_name}")
     basis = build_basis(CheckpointDelta(str(tuned), base), frac=frac, progress=False)
-    cb = OnlineProjection("unused", keep="orthogonal", on="update", frac=frac)
-    cb.basis, cb.targets = basis, find_targets(model, basis)
-    cb._initial = {t.name: t.weight.detach().clone() for t in cb.targets}
+    # OnlineProjection's per-step work, as the callback runs it after each optimizer step.
+    cb = StepProjector(basis, "orthogonal", find_targets(model, basis))
+    cb.keep_start(resumed=False, start_dir=None)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, model.config.vocab_size, (batch, length), generator=g)
