@@ -1,8 +1,5 @@
 """Two-process DDP on CPU (gloo) gives identical weights on both ranks, equal to one process."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,20 +7,12 @@ import torch
 from safetensors.torch import load_file
 
 from helpers.projection import TinyLM, random_basis
-
-HELPERS = Path(__file__).parents[1] / "helpers"
+from helpers.ranks import run_helper
 
 
 def _run(out: Path, devices: int, basis: Path):
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HELPERS.parent), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, str(HELPERS / "ddp_worker.py"), str(out), str(devices), str(basis)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_helper("ddp_worker.py", str(out), str(devices), str(basis), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -1,8 +1,5 @@
 """Two FSDP2 processes (ModelParallelStrategy, gloo) with OnlineProjection end where one unsharded process does."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,20 +7,12 @@ import torch
 from safetensors.torch import load_file
 
 from helpers.projection import TinyLM, random_basis
-
-HELPERS = Path(__file__).parents[1] / "helpers"
+from helpers.ranks import run_helper
 
 
 def _run(out: Path, devices: int, basis: Path, on: str, weights: str) -> dict:
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HELPERS.parent), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, str(HELPERS / "fsdp_worker.py"), str(out), str(devices), str(basis), on, weights],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_helper("fsdp_worker.py", str(out), str(devices), str(basis), on, weights, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return {r: torch.load(out / f"rank{r}.pt") for r in range(devices)}
 

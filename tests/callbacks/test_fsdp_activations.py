@@ -1,34 +1,25 @@
 """Two FSDP2 processes (ModelParallelStrategy, gloo) record the activations one process records."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from helpers.fsdp_activations_worker import LAYERS
+from helpers.ranks import rank_results, run_helper
 from safeproj.model.recordings import load_activations, recorded_steps
 
-HELPERS = Path(__file__).parents[1] / "helpers"
 STEPS = [0, 2, 4]  # train start, every 2 steps, train end
 SETS = ("harmful", "benign")
 
 
 def _run(out: Path, devices: int, weights: str) -> list[dict]:
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HELPERS.parent), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, str(HELPERS / "fsdp_activations_worker.py"), str(out), str(devices), weights],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,  # a rank left waiting on a forward the others never run fails here, not forever
-    )
+    # A rank left waiting on a forward the others never run fails at the timeout, not forever.
+    result = run_helper("fsdp_activations_worker.py", out, devices, weights, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(devices)]
+    return rank_results(out, devices)
 
 
 @pytest.fixture(scope="module", params=["full", "lora"])

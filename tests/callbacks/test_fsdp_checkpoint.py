@@ -2,9 +2,6 @@
 from Lightning's distributed checkpoint ends where an uninterrupted one does (two gloo processes)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,20 +10,12 @@ from transformers import AutoModelForCausalLM
 
 from helpers.fsdp_checkpoint_worker import KILLED
 from helpers.projection import TinyLM, random_basis
+from helpers.ranks import run_helper
 from safeproj.core.tensor_files import SafetensorsFiles
-
-HELPERS = Path(__file__).parents[1] / "helpers"
 
 
 def _launch(out: Path, phase: str) -> int:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HELPERS.parent), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, str(HELPERS / "fsdp_checkpoint_worker.py"), str(out), phase],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_helper("fsdp_checkpoint_worker.py", str(out), phase, timeout=300)
     assert result.returncode in (0, KILLED), result.stderr[-3000:]
     return result.returncode
 

@@ -1,31 +1,20 @@
 """Two FSDP2 processes (ModelParallelStrategy, gloo) measure overlaps and apply SafeLoRA as one process does."""
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from helpers.fsdp_posthoc_worker import reference
-
-HELPERS = Path(__file__).parents[1] / "helpers"
+from helpers.ranks import rank_results, run_helper
 
 
 def _run(out: Path, devices: int, spec: str, weights: str) -> list[dict]:
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HELPERS.parent), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, str(HELPERS / "fsdp_overlap_worker.py"), str(out), str(devices), spec, weights],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    result = run_helper("fsdp_overlap_worker.py", str(out), str(devices), spec, weights, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(devices)]
+    return rank_results(out, devices)
 
 
 @pytest.fixture(scope="module", params=["full", "lora"])

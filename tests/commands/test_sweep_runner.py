@@ -328,7 +328,8 @@ def test_shipped_sweep_specs_load_and_fit_their_recipes(tmp_path):
     assert {p.stem for p in specs} >= {"parallel", "orthogonal", "overlap", "activations", "smoke", "default"}
     for path in specs:
         sweep = load_spec(path)
-        assert len(sweep.seeds) >= 2 and sweep.cells
+        # paper-smoke.yaml checks the paper's sweep on a CPU: one seed is what it needs.
+        assert len(sweep.seeds) >= (1 if path.stem == "paper-smoke" else 2) and sweep.cells
         for cell in sweep.cells:
             check_cell(cell, sweep, tmp_path)  # parsed by the CLI as its runs will be
     # The paper's grid: 5 fracs × 3 selections online, and an unprojected run with the post hoc grid.

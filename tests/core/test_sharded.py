@@ -1,40 +1,17 @@
 """Row-sharded projection (FSDP2's layout) equals the unsharded one, with uneven and empty shards, without gathering."""
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from helpers.ranks import two_rank_results
 from helpers.sharded_cases import CASES, case_tensors
 from safeproj.core.projector import project
 from safeproj.core.sharded import project_left_rows, project_right_rows, project_rows
 
-HELPERS = Path(__file__).parents[1] / "helpers"
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharded")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HELPERS.parent), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, str(HELPERS / "sharded_worker.py"), str(out), _free_port()],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return two_rank_results("sharded_worker.py", tmp_path_factory.mktemp("sharded"))
 
 
 @pytest.mark.parametrize("name", list(CASES))

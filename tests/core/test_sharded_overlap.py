@@ -2,42 +2,20 @@
 unsharded ones, without gathering a matrix."""
 
 import math
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers.ranks import two_rank_results
 from helpers.sharded_overlap_cases import ETAS, SHAPES, deltas, lora_factors
 from safeproj.core.overlap import mso_tables
 from safeproj.core.safelora import layer_similarity, safelora_projection
 from safeproj.core.spectrum import factorize
 
-HELPERS = Path(__file__).parents[1] / "helpers"
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharded_overlap")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HELPERS.parent), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, str(HELPERS / "sharded_overlap_worker.py"), str(out), _free_port()],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return two_rank_results("sharded_overlap_worker.py", tmp_path_factory.mktemp("sharded_overlap"))
 
 
 def assert_rows_close(got: list[dict], want: list[dict], atol: float = 1e-5) -> None:
