@@ -17,7 +17,10 @@ from safeproj.core.energy import energy_row, pool
 from safeproj.core.names import parse_name
 from safeproj.core.projector import project, project_left, project_right
 from safeproj.core.sharded import (
+    energy_of_rows,
     is_sharded,
+    local_part,
+    lora_update_rows,
     project_left_rows,
     project_right_rows,
     project_rows,
@@ -145,18 +148,14 @@ class StepProjector:
         return pool(rows)["share"]
 
     def _sharded_energy_row(self, t: Target, entry) -> dict:
-        """‖PΔ‖² and ‖Δ‖² of a row-sharded weight: local rows' squares summed over the processes."""
+        """‖PΔ‖² and ‖Δ‖² of a row-sharded weight or LoRA pair: local rows' squares summed over the processes."""
         if t.is_lora:
-            # Rows of ΔW = s·B·A: this process's rows of B times the whole of A (r×n, gathered: it is small).
-            shard = row_shard(t.lora_b)
-            a = t.lora_a.full_tensor() if is_sharded(t.lora_a) else t.lora_a
-            update = t.scaling * (shard.local.float() @ a.detach().float())
+            update, shard = lora_update_rows(t.lora_b, t.lora_a, t.scaling)
         else:
             shard = row_shard(t.weight)
             update = shard.local.float() - self.initial[t.name].float()
-        kept = project_rows(update, shard.start, entry, "parallel", shard.sum_over_rows)
-        kept_sq, total = sum_energies([float(kept.square().sum()), float(update.square().sum())], update, shard.groups)
-        return {"kept": kept_sq if total > 0 else 0.0, "total": total}
+        row = energy_of_rows(update, shard, entry)
+        return {"kept": row["kept"], "total": row["total"]}
 
     def _add_energy(self, t: Target, stepped: list, projected: list, before: list) -> None:
         """Adds ‖stepped − projected‖² (removed) and ‖stepped − before‖² (the update) to `t`'s module type."""
@@ -212,11 +211,6 @@ class StepProjector:
                 shard.local.copy_(project_right_rows(shard.local, entry.right, self.keep))
             else:
                 a.copy_(project_right(a, entry.right, self.keep))
-
-
-def local_part(p: Tensor) -> Tensor:
-    """This process's part of a parameter or gradient (its rows under FSDP2), detached."""
-    return (row_shard(p).local if is_sharded(p) else p).detach()
 
 
 def tensors_of(t: Target) -> list[Tensor]:

@@ -56,6 +56,12 @@ def forward_needs_every_process(module: torch.nn.Module) -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1 and any(is_sharded(p) for p in module.parameters())
 
 
+def local_part(p: Tensor) -> Tensor:
+    """This process's part of a parameter or gradient (its rows under FSDP2; the whole tensor otherwise),
+    detached: a view, so writes reach the parameter."""
+    return (row_shard(p).local if is_sharded(p) else p).detach()
+
+
 def row_shard(x: DTensor) -> RowShard:
     """The local rows of `x` (a 2-D DTensor sharded on dim 0 and/or replicated) with their global offset."""
     if x.ndim != 2:

@@ -24,6 +24,7 @@ from safeproj.core.options import KEEPS, check_choice
 from safeproj.core.projector import project, project_left, project_right
 from safeproj.core.sharded import (
     is_sharded,
+    local_part,
     lora_update_rows,
     project_left_rows,
     project_right_rows,
@@ -50,7 +51,9 @@ class WeightVariants:
         self.run, self.keep = run, keep
         self.targets = list(run.targets.values())
         self.trained = {
-            t.name: tuple(_local(p).clone() for p in (t.lora_b, t.lora_a)) if t.is_lora else _local(t.weight).clone()
+            t.name: tuple(local_part(p).clone() for p in (t.lora_b, t.lora_a))
+            if t.is_lora
+            else local_part(t.weight).clone()
             for t in self.targets
         }
 
@@ -102,9 +105,9 @@ class WeightVariants:
             raise ValueError("keep='orthogonal' with side='both' cannot be applied to LoRA factors")
         b, a = self.trained[t.name]
         if entry.left is not None:
-            _local(t.lora_b).copy_(self._project_b(t, b, entry.left))
+            local_part(t.lora_b).copy_(self._project_b(t, b, entry.left))
         if entry.right is not None:  # A·P acts on each row alone, sharded or not
-            _local(t.lora_a).copy_(
+            local_part(t.lora_a).copy_(
                 project_right_rows(a, entry.right, self.keep)
                 if is_sharded(t.lora_a)
                 else project_right(a, entry.right, self.keep)
@@ -133,15 +136,10 @@ class WeightVariants:
     def _restore(self, t) -> None:
         if t.is_lora:
             b, a = self.trained[t.name]
-            _local(t.lora_b).copy_(b)
-            _local(t.lora_a).copy_(a)
+            local_part(t.lora_b).copy_(b)
+            local_part(t.lora_a).copy_(a)
         else:
-            _local(t.weight).copy_(self.trained[t.name])
-
-
-def _local(p: Tensor) -> Tensor:
-    """A parameter's values on this process: its rows when sharded (a view: writes reach the parameter)."""
-    return (row_shard(p).local if is_sharded(p) else p).detach()
+            local_part(t.weight).copy_(self.trained[t.name])
 
 
 def run_variants(
