@@ -11,14 +11,11 @@ from unittest import mock
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 
-from helpers.ddp_worker import Halves
-from helpers.fsdp_worker import STEPS, Block
+from helpers.fsdp_worker import fsdp_trainer, halves, tiny_module
 from safeproj.callbacks import activation_recorder
 from safeproj.callbacks.activation_recorder import ActivationRecorder
-from safeproj.model.module import LoraSettings, SafeprojLM
 
 LAYERS = [0, 1]
 
@@ -34,32 +31,13 @@ def counted(function, calls: list):
 def main(out, devices, weights="full"):
     devices = int(devices)
     L.seed_everything(0)
-    adapters = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "o_proj", "down_proj"])
-    module = SafeprojLM("tiny", lr=1e-2, warmup_ratio=0.0, lora=adapters if weights == "lora" else None)
-    module.base_dir = None
-    data = torch.utils.data.DataLoader(Halves(STEPS, devices), batch_size=None, sampler=Block())
-    strategy = "auto"
-    if devices > 1:
-        strategy = ModelParallelStrategy(
-            data_parallel_size=devices, tensor_parallel_size=1, process_group_backend="gloo"
-        )
+    module = tiny_module(weights)
+    data = halves(devices)
     # 3 prompts per set in batches of 2: the last batch of each set is shorter.
     recorder = ActivationRecorder(
         layers=LAYERS, num_prompts=3, batch_size=2, position="mean", every_n_steps=2, analyse=False
     )
-    trainer = L.Trainer(
-        max_steps=STEPS,
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        use_distributed_sampler=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out,
-        callbacks=[recorder],
-    )
+    trainer = fsdp_trainer(devices, out, [recorder])
     recorder.out_dir = f"{out}/acts_rank{trainer.global_rank}"
     written, followed = [], []
     with (

@@ -14,16 +14,13 @@ from unittest import mock
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 
-from helpers.ddp_worker import Halves
-from helpers.fsdp_worker import STEPS, Block
+from helpers.fsdp_worker import fsdp_trainer, halves, tiny_module
 from helpers.projection import Capture
 from helpers.sharded_worker import GATHERS
 from safeproj.callbacks.overlap import OverlapCallback
 from safeproj.callbacks.safelora import SafeLoRA
-from safeproj.model.module import LoraSettings, SafeprojLM
 
 RANK = 4  # LoRA rank
 
@@ -62,15 +59,8 @@ def without_gathers(method, calls: list):
 def main(out, devices, spec, weights="full"):
     devices = int(devices)
     L.seed_everything(0)
-    adapters = LoraSettings(r=RANK, alpha=8, dropout=0.0, target_modules=["q_proj", "o_proj", "down_proj"])
-    module = SafeprojLM("tiny", lr=1e-2, warmup_ratio=0.0, lora=adapters if weights == "lora" else None)
-    module.base_dir = None  # the run saves its start to initial/, which W₀ is read from
-    data = torch.utils.data.DataLoader(Halves(STEPS, devices), batch_size=None, sampler=Block())
-    strategy = "auto"
-    if devices > 1:
-        strategy = ModelParallelStrategy(
-            data_parallel_size=devices, tensor_parallel_size=1, process_group_backend="gloo"
-        )
+    module = tiny_module(weights, rank=RANK)
+    data = halves(devices)
     etas = [0.3, 0.6, 0.9]
     overlaps = [
         OverlapCallback({"ref": spec}, etas=etas, side=side, out_dir=f"{out}/overlap-{side}")
@@ -82,19 +72,7 @@ def main(out, devices, spec, weights="full"):
         SafeLoRA(spec, threshold=0.75, variant="orthonormal", eta=0.9),
     ]
     measured, rewritten = [], []
-    trainer = L.Trainer(
-        max_steps=STEPS,
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        use_distributed_sampler=False,
-        logger=Capture(),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out,
-        callbacks=[*overlaps, *safeloras],
-    )
+    trainer = fsdp_trainer(devices, out, [*overlaps, *safeloras], logger=Capture())
     with (
         mock.patch.object(OverlapCallback, "on_train_end", without_gathers(OverlapCallback.on_train_end, measured)),
         mock.patch.object(SafeLoRA, "apply", without_gathers(SafeLoRA.apply, rewritten)),

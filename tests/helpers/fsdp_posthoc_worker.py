@@ -13,12 +13,10 @@ from unittest import mock
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
-from helpers.ddp_worker import Halves
-from helpers.fsdp_worker import STEPS, Block
+from helpers.fsdp_worker import fsdp_trainer, halves, tiny_module
 from helpers.projection import Capture
 from helpers.sharded_worker import no_gather
 from safeproj.callbacks.drift import SubspaceDrift
@@ -27,7 +25,6 @@ from safeproj.callbacks.posthoc_projection import PosthocProjection
 from safeproj.callbacks.utility_eval import UtilityEval
 from safeproj.callbacks.utility_likelihood import UtilityLikelihoodEval
 from safeproj.core.variants import WeightVariants
-from safeproj.model.module import LoraSettings, SafeprojLM
 
 
 def without_gathers(method, calls: list, refuse: bool = True):
@@ -44,15 +41,8 @@ def without_gathers(method, calls: list, refuse: bool = True):
 def main(out, devices, spec, basis, weights="full"):
     devices = int(devices)
     L.seed_everything(0)
-    adapters = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "o_proj", "down_proj"])
-    module = SafeprojLM("tiny", lr=1e-2, warmup_ratio=0.0, lora=adapters if weights == "lora" else None)
-    module.base_dir = None  # the run saves its start to initial/, which W₀ is read from
-    data = torch.utils.data.DataLoader(Halves(STEPS, devices), batch_size=None, sampler=Block())
-    strategy = "auto"
-    if devices > 1:
-        strategy = ModelParallelStrategy(
-            data_parallel_size=devices, tensor_parallel_size=1, process_group_backend="gloo"
-        )
+    module = tiny_module(weights)
+    data = halves(devices)
     # Odd item counts: the ranks' shares differ in size (and in batches, with batch_size 1).
     utility = UtilityEval(num_samples=3, max_new_tokens=6, batch_size=2, at_train_end=False, n_boot=20)
     harm = HarmEval(num_samples=3, max_new_tokens=6, batch_size=2, at_train_end=False, n_boot=20)
@@ -63,19 +53,7 @@ def main(out, devices, spec, basis, weights="full"):
     ]
     drift = SubspaceDrift(basis, every_n_steps=1, out_dir=f"{out}/drift")
     projected, measured = [], []
-    trainer = L.Trainer(
-        max_steps=STEPS,
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        use_distributed_sampler=False,
-        logger=Capture(),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out,
-        callbacks=[*posthoc, drift, utility, harm, likelihood],
-    )
+    trainer = fsdp_trainer(devices, out, [*posthoc, drift, utility, harm, likelihood], logger=Capture())
     # A LoRA product's rows need the whole of the small factor A (r×n): gathered, so not refused there.
     refuse = weights == "full"
     with (

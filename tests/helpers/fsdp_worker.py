@@ -30,20 +30,28 @@ class Block(torch.utils.data.Sampler):
         return STEPS
 
 
-def main(out, devices, basis, on, lora="full"):
-    devices = int(devices)
-    L.seed_everything(0)
-    adapters = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "o_proj", "down_proj"])
-    module = SafeprojLM("tiny", lr=1e-2, warmup_ratio=0.0, lora=adapters if lora == "lora" else None)
-    module.base_dir = None  # as for weights with no plain local copy: the run saves its start to initial/
-    data = torch.utils.data.DataLoader(Halves(STEPS, devices), batch_size=None, sampler=Block())
+def tiny_module(weights: str = "full", rank: int = 4) -> SafeprojLM:
+    """The tiny model, whole or with LoRA adapters on q, o and down; as for weights with no plain local copy,
+    the run saves its start to initial/ (which W₀ is read from)."""
+    adapters = LoraSettings(r=rank, alpha=8, dropout=0.0, target_modules=["q_proj", "o_proj", "down_proj"])
+    module = SafeprojLM("tiny", lr=1e-2, warmup_ratio=0.0, lora=adapters if weights == "lora" else None)
+    module.base_dir = None
+    return module
+
+
+def halves(devices: int) -> torch.utils.data.DataLoader:
+    """STEPS global batches, each rank taking its half (one process takes both halves at once)."""
+    return torch.utils.data.DataLoader(Halves(STEPS, devices), batch_size=None, sampler=Block())
+
+
+def fsdp_trainer(devices: int, out, callbacks, logger=False, **settings) -> L.Trainer:
+    """STEPS steps on the CPU: one process, or `devices` FSDP2 processes (ModelParallelStrategy, gloo)."""
     strategy = "auto"
     if devices > 1:
         strategy = ModelParallelStrategy(
             data_parallel_size=devices, tensor_parallel_size=1, process_group_backend="gloo"
         )
-    logger = Capture()
-    trainer = L.Trainer(
+    return L.Trainer(
         max_steps=STEPS,
         accelerator="cpu",
         devices=devices,
@@ -53,10 +61,20 @@ def main(out, devices, basis, on, lora="full"):
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        gradient_clip_val=1.0,
         default_root_dir=out,
-        callbacks=[OnlineProjection(basis, keep="orthogonal", on=on, log_every_n_steps=2)],
+        callbacks=callbacks,
+        **settings,
     )
+
+
+def main(out, devices, basis, on, lora="full"):
+    devices = int(devices)
+    L.seed_everything(0)
+    module = tiny_module(lora)
+    data = halves(devices)
+    logger = Capture()
+    callbacks = [OnlineProjection(basis, keep="orthogonal", on=on, log_every_n_steps=2)]
+    trainer = fsdp_trainer(devices, out, callbacks, logger=logger, gradient_clip_val=1.0)
     trainer.fit(module, data)
     sharded = any(isinstance(p, DTensor) for p in module.model.parameters())
     weights = {
