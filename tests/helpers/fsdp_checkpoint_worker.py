@@ -25,7 +25,7 @@ from helpers.ddp_worker import Halves
 from safeproj.callbacks.online_projection import OnlineProjection
 from safeproj.model import hf_checkpoint
 from safeproj.model import module as module_file
-from safeproj.model.checkpoint_io import with_atomic_checkpoints
+from safeproj.model.checkpoint_io import atomic_distributed_saves, with_atomic_checkpoints
 from safeproj.model.module import SafeprojLM
 
 STEPS = 4
@@ -134,6 +134,7 @@ def main(out, phase):
         default_root_dir=out,
         callbacks=callbacks,
     )
+    atomic_distributed_saves(trainer.strategy)  # as the command line does
     trainer.fit(module, data, ckpt_path="last" if phase == "resumed" else None)
     tracker.saving = False
     weights = {n: p.full_tensor().detach().clone() for n, p in module.model.named_parameters()}

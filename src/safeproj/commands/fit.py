@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from safeproj.commands import TRAINER_COMMANDS
 from safeproj.commands.checks import check_fit_config
-from safeproj.model.checkpoint_io import with_atomic_checkpoints
+from safeproj.model.checkpoint_io import atomic_distributed_saves, with_atomic_checkpoints
 
 
 def recipe_name(configs: list[str]) -> str | None:
@@ -94,7 +94,9 @@ class SafeprojCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False and not any(isinstance(cb, ProgressBar) for cb in given):
             callbacks = [*callbacks, step_progress_bar()]
         config["plugins"] = with_atomic_checkpoints(config.get("plugins"))
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        atomic_distributed_saves(trainer.strategy)
+        return trainer
 
     @override
     def before_instantiate_classes(self) -> None:

@@ -4,12 +4,18 @@ Lightning's `TorchCheckpointIO` writes through an fsspec transaction whose tempo
 system temp folder; moving it onto another file system is a copy, so a disk that fills during that copy
 leaves a truncated `.ckpt` where `--ckpt_path last` would pick it. Here the temporary file sits beside the
 target and is renamed into place, so a failed write leaves only the previous checkpoints.
+
+Under FSDP2 (`ModelParallelStrategy`) a checkpoint is a folder every process writes its part of, in place,
+which no CheckpointIO reaches: `atomic_distributed_saves` has the processes write a folder beside it,
+and rank zero swaps it in once all have written.
 """
 
 from __future__ import annotations
 
 import pickle
+import shutil
 import zipfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,3 +60,32 @@ def with_atomic_checkpoints(plugins: Any) -> list[Any]:
     if any(isinstance(p, CheckpointIO) for p in listed):
         return listed
     return [*listed, AtomicCheckpointIO()]
+
+
+def atomic_distributed_saves(strategy: Any) -> None:
+    """Make a ModelParallelStrategy's distributed checkpoints appear whole or not at all (a no-op for other
+    strategies). A save killed part-way leaves a hidden `.<name>.partial` folder and the previous checkpoint;
+    one killed during the swap leaves `.<name>.old`, never a half-written folder under the checkpoint's name."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if not isinstance(strategy, ModelParallelStrategy) or not strategy._save_distributed_checkpoint:
+        return
+    save = strategy.save_checkpoint
+
+    def save_whole(checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        path = Path(strategy.broadcast(str(filepath)))
+        partial, old = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")
+        if strategy.is_global_zero:
+            shutil.rmtree(partial, ignore_errors=True)
+        strategy.barrier("safeproj-checkpoint-start")
+        save(checkpoint, partial, storage_options)
+        strategy.barrier("safeproj-checkpoint-written")
+        if strategy.is_global_zero:
+            shutil.rmtree(old, ignore_errors=True)
+            if path.exists():
+                path.rename(old)
+            partial.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        strategy.barrier("safeproj-checkpoint-swapped")
+
+    strategy.save_checkpoint = save_whole
