@@ -1,7 +1,7 @@
 """The sharded projection's share of an FSDP2 optimizer step on 2 CPU processes (gloo), in one run.
 
-Each process shards the model as `SafeprojLM.configure_model` does (every decoder block, then the root,
-with `fully_shard`), then optimizer steps are timed with and without OnlineProjection's per-step work
+Each process shards the model as `SafeprojLM.configure_model` does (`shard_blocks_and_root`: every decoder
+block, then the root), then optimizer steps are timed with and without OnlineProjection's per-step work
 (`core.online.StepProjector.project_weights`: the left side's k×n all-reduce per tensor and each rank's
 own rows) in alternation, so drift in machine speed hits both alike. Rank zero writes the medians: the
 step without projection, with it, their ratio, the projection alone and its share of the step, beside
@@ -24,24 +24,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
+from projection import alternate, perturbed_copy, timing_row  # the sibling script: benchmarks/ is on the path
 from safeproj.core.basis import build_basis
 from safeproj.core.deltas import CheckpointDelta
 from safeproj.core.online import StepProjector
 from safeproj.core.targets import find_targets
 from safeproj.io import write_json
 from safeproj.model.loading import load_model, resolve
+from safeproj.model.module import shard_blocks_and_root
 
 PROCESSES = 2
-
-
-def _shard(model: torch.nn.Module, mesh) -> None:
-    blocks = set(getattr(model, "_no_split_modules", None) or ())
-    for module in model.modules():
-        if type(module).__name__ in blocks:
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
 
 
 def _worker(rank: int, args: dict, port: int, out: str) -> None:
@@ -53,7 +46,7 @@ def _worker(rank: int, args: dict, port: int, out: str) -> None:
         model, _ = load_model(args["model"])
         model.train()
         basis = build_basis(CheckpointDelta(args["tuned"], args["base"]), frac=args["frac"], progress=False)
-        _shard(model, mesh)
+        shard_blocks_and_root(model, mesh)
         projector = StepProjector(basis, "orthogonal", find_targets(model, basis))
         projector.keep_start(resumed=False, start_dir=None)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -79,28 +72,16 @@ def _worker(rank: int, args: dict, port: int, out: str) -> None:
             return time.perf_counter() - started
 
         step(False), step(True)  # warm-up
-        plain, projected = [], []
-        for i in range(args["pairs"]):
-            for flag in (False, True) if i % 2 == 0 else (True, False):
-                (projected if flag else plain).append(step(flag))
+        plain, projected = alternate(step, args["pairs"])
         alone = [projection_alone() for _ in range(args["pairs"])]
         if rank == 0:
-            med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
             tokens = PROCESSES * args["batch"] * args["length"]
-            entries = basis.entries.values()
-            floor = sum(4 * min(e.left.k, e.left.dim - e.left.k) * e.shape[0] * e.shape[1] for e in entries)
-            flops = sum(6 * e.shape[0] * e.shape[1] * tokens for e in entries)
+            timing = timing_row(plain, projected, alone, basis, tokens)
             row = {
                 "model": args["model"],
                 "processes": PROCESSES,
                 "frac": args["frac"],
-                "tokens_per_step": tokens,
-                "step_s_without": med(plain),
-                "step_s_with": med(projected),
-                "ratio": med(projected) / med(plain),
-                "projection_s": med(alone),
-                "projection_over_step": med(alone) / med(plain),
-                "flop_floor": floor / flops,
+                **timing,
                 "pairs": args["pairs"],
             }
             Path(out).write_text(json.dumps(row))
@@ -109,8 +90,6 @@ def _worker(rank: int, args: dict, port: int, out: str) -> None:
 
 
 def measure(model: str, frac: float, batch: int, length: int, pairs: int, tmp: Path, port: int) -> dict:
-    from projection import perturbed_copy  # the sibling script (benchmarks/ is on the path when run)
-
     base = resolve(model)
     tuned = perturbed_copy(base, tmp / f"tuned-{model}")
     args = {"model": model, "base": base, "tuned": str(tuned), "frac": frac, "batch": batch, "length": length,

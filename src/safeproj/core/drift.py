@@ -10,13 +10,11 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from torch import Tensor
-
 from safeproj.core.basis import Basis
 from safeproj.core.deltas import RunDelta
 from safeproj.core.energy import energy_row, pool
 from safeproj.core.names import layer_of, layer_sort_key
-from safeproj.core.sharded import RowShard, energy_of_rows, is_sharded, lora_update_rows, row_shard, rows_of
+from safeproj.core.sharded import energy_of_rows, is_sharded, run_update_rows
 
 OVERALL = "overall"
 COLUMNS = ("step", "name", "layer", "share", "random", "energy")
@@ -42,24 +40,7 @@ def _energy(run: RunDelta, name: str, entry) -> dict:
     t = run.targets[name]
     if not is_sharded(t.lora_b if t.is_lora else t.weight):
         return energy_row(run.update(name), entry)
-    update, shard = _update_rows(run, name)
-    return energy_of_rows(update, shard, entry)
-
-
-def _update_rows(run: RunDelta, name: str) -> tuple[Tensor, RowShard]:
-    """This process's rows of a sharded weight's update ΔW (float32) and the shard they come from."""
-    t = run.targets[name]
-    if not t.is_lora:
-        shard = row_shard(t.weight)
-        start = rows_of(run.start(name), shard).to(shard.local.device)
-        return shard.local.detach().float() - start.float(), shard
-    update, shard = lora_update_rows(t.lora_b, t.lora_a, t.scaling)
-    if f"{name}::B" in run.held:  # the adapters' start s·B₀·A₀, copied like the factors
-        b0 = rows_of(run.held[f"{name}::B"], shard).to(update.device).float()
-        a0 = run.held[f"{name}::A"]
-        a0 = (a0.full_tensor() if is_sharded(a0) else a0).to(update.device).float()
-        update -= t.scaling * (b0 @ a0)
-    return update, shard
+    return energy_of_rows(*run_update_rows(run, name), entry)
 
 
 def _row(step: int, name: str, layer: str, share: float, random: float, energy: float) -> dict:

@@ -26,6 +26,7 @@ from safeproj.core.sharded import (
     project_rows,
     project_rows_in_place,
     row_shard,
+    rows_of,
     sum_energies,
 )
 from safeproj.core.targets import Target
@@ -222,9 +223,5 @@ def _local_rows(full: Tensor, like: Tensor) -> Tensor:
     """A copy of the rows of `full` that this process holds of `like`, on its device and in its dtype.
 
     `full` is itself sharded like `like` where no start file held it (a copy of the restored weights)."""
-    if is_sharded(full):
-        return local_part(full).to(device=like.device, dtype=like.dtype, copy=True)
-    if is_sharded(like):
-        shard = row_shard(like)
-        full = full[shard.start : shard.start + shard.local.shape[0]]
-    return full.to(device=like.device, dtype=like.dtype, copy=True)
+    part = rows_of(full, row_shard(like)) if is_sharded(like) else local_part(full)
+    return part.to(device=like.device, dtype=like.dtype, copy=True)

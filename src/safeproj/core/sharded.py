@@ -221,8 +221,7 @@ def lora_update_rows(b: Tensor, a: Tensor, scaling: float) -> tuple[Tensor, RowS
     """This process's rows of s·B·A for B (m×r) sharded by rows, and B's shard. A (r×n) is a small factor:
     gathered whole when sharded, as every row of the product needs all of it."""
     shard = row_shard(b)
-    whole_a = a.full_tensor() if is_sharded(a) else a
-    return scaling * (shard.local.detach().float() @ whole_a.detach().float()), shard
+    return scaling * (shard.local.detach().float() @ whole_factor(a).detach().float()), shard
 
 
 def whole_factor(x: Tensor) -> Tensor:

@@ -129,13 +129,8 @@ class SafeprojLM(L.LightningModule):
         mesh = _data_parallel_mesh(self)
         if mesh is None:
             return
-        if isinstance(self.model, FSDPModule):
-            return
-        blocks = set(getattr(_base_model(self.model), "_no_split_modules", None) or ())
-        for module in self.model.modules():
-            if type(module).__name__ in blocks and not isinstance(module, FSDPModule):
-                fully_shard(module, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
+        if not isinstance(self.model, FSDPModule):
+            shard_blocks_and_root(self.model, mesh)
 
     @override
     def forward(self, **batch):
@@ -213,6 +208,15 @@ class SafeprojLM(L.LightningModule):
             rank_zero_info(f"Saved checkpoint to {target}")
         self.checkpoint_path = str(target)
         _record_checkpoint(self.trainer, str(target))
+
+
+def shard_blocks_and_root(model, mesh) -> None:
+    """FSDP2 over `mesh`: each decoder block (the model's `_no_split_modules`) its own unit, then the root."""
+    blocks = set(getattr(_base_model(model), "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in blocks and not isinstance(module, FSDPModule):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def _data_parallel_mesh(module: L.LightningModule):
