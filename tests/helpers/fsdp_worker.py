@@ -44,12 +44,16 @@ def halves(devices: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(Halves(STEPS, devices), batch_size=None, sampler=Block())
 
 
-def fsdp_trainer(devices: int, out, callbacks, logger=False, **settings) -> L.Trainer:
-    """STEPS steps on the CPU: one process, or `devices` FSDP2 processes (ModelParallelStrategy, gloo)."""
+def fsdp_trainer(devices: int, out, callbacks, logger=False, timeout=None, **settings) -> L.Trainer:
+    """STEPS steps on the CPU: one process, or `devices` FSDP2 processes (ModelParallelStrategy, gloo, with
+    `timeout` for collectives where given)."""
     strategy = "auto"
     if devices > 1:
         strategy = ModelParallelStrategy(
-            data_parallel_size=devices, tensor_parallel_size=1, process_group_backend="gloo"
+            data_parallel_size=devices,
+            tensor_parallel_size=1,
+            process_group_backend="gloo",
+            **({} if timeout is None else {"timeout": timeout}),
         )
     return L.Trainer(
         max_steps=STEPS,

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 HELPERS = Path(__file__).parent
 
@@ -34,3 +36,16 @@ def two_rank_results(script: str, out: Path, timeout: int = 120) -> list[dict]:
     result = run_helper(script, out, free_port(), timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return rank_results(out, 2)
+
+
+def join_group(rank: int, world: int, port: str):
+    """Joins this process to a gloo group of `world` on localhost:`port`; the one-dimensional CPU mesh of it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    return init_device_mesh("cpu", (world,))
+
+
+def spawn_two(main) -> None:
+    """`main(rank, 2, out, port)` on two processes, `out` and `port` from the command line."""
+    out, port = sys.argv[1], sys.argv[2]
+    torch.multiprocessing.spawn(main, args=(2, out, port), nprocs=2)

@@ -5,23 +5,18 @@ and W0, W0's rows taken from the whole tensor and from a DTensor copy (`rows_of`
 product (`lora_update_rows`). Every gather but the LoRA factor's is patched to raise.
 """
 
-import os
-import sys
-
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
+from helpers.ranks import join_group, spawn_two
 from helpers.sharded_cases import CASES, case_tensors
 from helpers.sharded_worker import no_gather
 from safeproj.core.sharded import energy_of_rows, lora_update_rows, row_shard, rows_of, squared_norms
 
 
 def main(rank: int, world: int, out: str, port: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = join_group(rank, world, port)
     results = {}
     for name in CASES:
         X, W0, entry, _ = case_tensors(name)
@@ -48,5 +43,4 @@ def main(rank: int, world: int, out: str, port: str) -> None:
 
 
 if __name__ == "__main__":
-    out, port = sys.argv[1], sys.argv[2]
-    torch.multiprocessing.spawn(main, args=(2, out, port), nprocs=2)
+    spawn_two(main)

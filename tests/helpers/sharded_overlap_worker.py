@@ -6,14 +6,11 @@ left singular vectors of each Δ, and per tensor and SafeLoRA variant its rows o
 similarities. Every gather is patched to raise (A of the LoRA cosine is whole on every rank).
 """
 
-import os
-import sys
-
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
+from helpers.ranks import join_group, spawn_two
 from helpers.sharded_overlap_cases import ETAS, SHAPES, deltas, lora_factors
 from helpers.sharded_worker import no_gather
 from safeproj.core.overlap import sharded_mso_tables
@@ -23,9 +20,7 @@ from safeproj.core.sharded_spectrum import RowFactorization
 
 
 def main(rank: int, world: int, out: str, port: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = join_group(rank, world, port)
     run, ref = deltas()
     shards = {name: row_shard(distribute_tensor(run.get(name), mesh, [Shard(0)])) for name in SHAPES}
     results = {"tables": {}, "spectra": {}, "safelora": {}}
@@ -54,5 +49,4 @@ def main(rank: int, world: int, out: str, port: str) -> None:
 
 
 if __name__ == "__main__":
-    out, port = sys.argv[1], sys.argv[2]
-    torch.multiprocessing.spawn(main, args=(2, out, port), nprocs=2)
+    spawn_two(main)

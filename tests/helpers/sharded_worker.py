@@ -4,16 +4,14 @@ Each rank writes {case: (start, local rows)} to <out>/rank<r>.pt, and the error 
 sharded on columns. Every gather is patched to raise while projecting: the projection must not gather.
 """
 
-import os
-import sys
 from contextlib import contextmanager
 from unittest import mock
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from helpers.ranks import join_group, spawn_two
 from helpers.sharded_cases import CASES, case_tensors
 from safeproj.core.sharded import project_rows_in_place, project_shard, row_shard
 
@@ -34,9 +32,7 @@ def no_gather():
 
 
 def main(rank: int, world: int, out: str, port: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = join_group(rank, world, port)
     results = {}
     for name in CASES:
         X, W0, entry, keep = case_tensors(name)
@@ -61,5 +57,4 @@ def main(rank: int, world: int, out: str, port: str) -> None:
 
 
 if __name__ == "__main__":
-    out, port = sys.argv[1], sys.argv[2]
-    torch.multiprocessing.spawn(main, args=(2, out, port), nprocs=2)
+    spawn_two(main)
